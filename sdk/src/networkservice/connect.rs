@@ -1,0 +1,160 @@
+//! `connect`: hands the request to a client chain and the client chain's
+//! gRPC tail ([`GrpcClient`]) that calls the next hop.
+//!
+//! # Guarantees
+//! - [`Connect`] (server): runs the client chain, then the rest of the server
+//!   chain with the connection the next hop returned; if the rest fails it
+//!   closes the next hop again, so a failed Request leaves nothing behind
+//!   downstream. Close runs the client chain's Close, then the rest.
+//! - [`GrpcClient`] (client tail): dials `ctx.client_url` (or, when it is
+//!   unset, the URL this connection used before — so Close and refresh reach
+//!   the same hop even if discovery can no longer find it), remembers it per
+//!   connection, and forwards the call with the remaining deadline and this
+//!   hop's token. If the URL changed since the last Request, the old
+//!   downstream connection is closed first (best effort).
+//! - Downstream errors keep their gRPC code; the message is prefixed with
+//!   the URL that failed.
+//!
+//! # Chain placement
+//! [`Connect`] last in a passthrough's server chain; [`GrpcClient`] last in
+//! a client chain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nsm_api::connection::Connection;
+use nsm_api::networkservice::NetworkServiceRequest;
+use nsm_api::networkservice::network_service_client::NetworkServiceClient;
+use tonic::Status;
+use url::Url;
+
+use super::chain::{Chain, Context, Element, Next};
+use crate::tools::grpc::ChannelPool;
+use crate::tools::token::{self, SharedTokenGenerator};
+
+/// Default budget for a downstream call when the caller set no deadline.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Server-side `connect` around a client chain.
+pub struct Connect {
+    client: Chain,
+}
+
+impl Connect {
+    /// `connect` running `client` (which must end in a tail such as [`GrpcClient`]).
+    pub fn new(client: Chain) -> Arc<Connect> {
+        Arc::new(Connect { client })
+    }
+}
+
+#[async_trait]
+impl Element for Connect {
+    fn name(&self) -> &'static str {
+        "connect"
+    }
+
+    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+        let downstream = self.client.request(ctx, req.clone()).await?;
+        req.connection = Some(downstream.clone());
+        match next.request(ctx, req).await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                let mut cctx = ctx.detached(DEFAULT_CALL_TIMEOUT);
+                cctx.meta = ctx.meta.clone();
+                if let Err(ce) = self.client.close(&mut cctx, downstream).await {
+                    tracing::warn!(error = %ce.message(), "closing downstream after a failed request also failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
+        let r = self.client.close(ctx, conn.clone()).await;
+        let r2 = next.close(ctx, conn).await;
+        r.and(r2)
+    }
+}
+
+/// The URL a connection was last sent to (client-side metadata).
+#[derive(Clone, Debug)]
+pub struct DialedUrl(pub Url);
+
+/// Client-chain tail: the actual gRPC call to the next hop.
+pub struct GrpcClient {
+    pool: ChannelPool,
+    tokens: SharedTokenGenerator,
+}
+
+impl GrpcClient {
+    /// A tail dialing through `pool` and sending tokens from `tokens`.
+    pub fn new(pool: ChannelPool, tokens: SharedTokenGenerator) -> Arc<GrpcClient> {
+        Arc::new(GrpcClient { pool, tokens })
+    }
+
+    fn tonic_request<T>(&self, ctx: &Context, msg: T) -> Result<tonic::Request<T>, Status> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(ctx.remaining().unwrap_or(DEFAULT_CALL_TIMEOUT));
+        let t = self.tokens.generate(&ctx.peer)?;
+        token::put(r.metadata_mut(), &t);
+        Ok(r)
+    }
+
+    async fn call_close(&self, ctx: &Context, url: &Url, conn: Connection) -> Result<(), Status> {
+        let ch = self.pool.get(url).await?;
+        let r = self.tonic_request(ctx, conn)?;
+        NetworkServiceClient::new(ch).close(r).await.map(|_| ()).map_err(|e| self.downstream_error(url, e))
+    }
+
+    fn downstream_error(&self, url: &Url, e: Status) -> Status {
+        if e.code() == tonic::Code::Unavailable {
+            self.pool.evict(url);
+        }
+        Status::new(e.code(), format!("{url}: {}", e.message()))
+    }
+}
+
+#[async_trait]
+impl Element for GrpcClient {
+    fn name(&self) -> &'static str {
+        "grpc-client"
+    }
+
+    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, _next: Next) -> Result<Connection, Status> {
+        let previous = ctx.meta.as_ref().and_then(|m| m.client_get::<DialedUrl>()).map(|d| d.0);
+        let url = match (&ctx.client_url, &previous) {
+            (Some(u), _) => u.clone(),
+            (None, Some(u)) => u.clone(),
+            (None, None) => return Err(Status::internal("no next hop: client URL is not set")),
+        };
+        if let (Some(old), Some(conn)) = (&previous, &req.connection)
+            && *old != url
+        {
+            tracing::info!(old = %old, new = %url, "next hop changed: closing the connection at the old one");
+            if let Err(e) = self.call_close(ctx, old, conn.clone()).await {
+                tracing::warn!(error = %e.message(), "closing at the old next hop failed");
+            }
+        }
+        let ch = self.pool.get(&url).await?;
+        let r = self.tonic_request(ctx, req)?;
+        let conn = NetworkServiceClient::new(ch)
+            .request(r)
+            .await
+            .map_err(|e| self.downstream_error(&url, e))?
+            .into_inner();
+        if let Some(m) = &ctx.meta {
+            m.client_insert(DialedUrl(url));
+        }
+        Ok(conn)
+    }
+
+    async fn close(&self, ctx: &mut Context, conn: Connection, _next: Next) -> Result<(), Status> {
+        let previous = ctx.meta.as_ref().and_then(|m| m.client_remove::<DialedUrl>()).map(|d| d.0);
+        let Some(url) = previous.or_else(|| ctx.client_url.clone()) else {
+            tracing::debug!(conn_id = %conn.id, "close: this connection was never sent downstream");
+            return Ok(());
+        };
+        self.call_close(ctx, &url, conn).await
+    }
+}

@@ -1,0 +1,18 @@
+//! The NetworkService chain and its elements. Each element module is named
+//! after its Go package in `networkservicemesh/sdk` so behaviour can be
+//! compared, and documents its guarantees and chain placement.
+
+pub mod begin;
+pub mod chain;
+pub mod clientinfo;
+pub mod connect;
+pub mod mechanisms;
+pub mod metadata;
+pub mod monitor;
+pub mod server;
+pub mod timeout;
+pub mod trimpath;
+pub mod updatepath;
+pub mod updatetoken;
+
+pub use chain::{Chain, Context, Element, Next, Peer};

@@ -1,0 +1,429 @@
+//! gRPC plumbing shared by every component: NSM URLs, listeners on unix and
+//! TCP sockets behind one server, dialing with a channel pool, deadlines.
+//!
+//! NSM URLs: `unix:///path/to.sock`, `tcp://host:port`, and for
+//! compatibility with upstream env values a bare `host:port`
+//! (`NSM_REGISTRY_URL=registry:5002`). `tcp://:5001` listens on all
+//! addresses.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskCx, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tonic::Status;
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint};
+use url::Url;
+
+use crate::networkservice::chain::Peer;
+
+/// Errors of URL parsing and socket setup; they name the URL or path.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("cannot listen on {url}: {source}")]
+    Listen { url: String, source: std::io::Error },
+    #[error("cannot reach {url}: {reason}")]
+    Dial { url: String, reason: String },
+}
+
+/// Parses an NSM gRPC URL into a normalised `unix:///path` or
+/// `tcp://host:port` URL.
+pub fn parse_url(s: &str) -> Result<Url, Error> {
+    let bad = |reason: &str| Error::BadUrl { url: s.to_string(), reason: reason.to_string() };
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(bad("empty"));
+    }
+    let full = if s.contains("://") { s.to_string() } else { format!("tcp://{s}") };
+    if let Some(rest) = full.strip_prefix("tcp://:") {
+        // `tcp://:5001`: the url crate rejects an empty host.
+        return parse_url(&format!("tcp://0.0.0.0:{rest}"));
+    }
+    let u = Url::parse(&full).map_err(|e| bad(&e.to_string()))?;
+    match u.scheme() {
+        "unix" => {
+            if u.path().is_empty() || u.path() == "/" {
+                return Err(bad("unix URL needs an absolute socket path, e.g. unix:///var/lib/networkservicemesh/nsm.io.sock"));
+            }
+            if u.host_str().is_some_and(|h| !h.is_empty()) {
+                return Err(bad("unix URL must have an empty host: use three slashes, unix:///path"));
+            }
+        }
+        "tcp" => {
+            if u.host_str().is_none_or(|h| h.is_empty()) {
+                return Err(bad("tcp URL needs a host"));
+            }
+            if u.port().is_none() {
+                return Err(bad("tcp URL needs a port"));
+            }
+        }
+        other => return Err(bad(&format!("unsupported scheme {other:?}; use unix:// or tcp://"))),
+    }
+    Ok(u)
+}
+
+/// Parses a comma-separated list of URLs (`NSM_LISTEN_ON`).
+pub fn parse_url_list(s: &str) -> Result<Vec<Url>, Error> {
+    s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(parse_url).collect()
+}
+
+/// `host:port` of a tcp URL (IPv6 hosts bracketed).
+pub fn tcp_authority(u: &Url) -> Option<String> {
+    let host = u.host()?;
+    let port = u.port()?;
+    Some(match host {
+        url::Host::Ipv6(a) => format!("[{a}]:{port}"),
+        h => format!("{h}:{port}"),
+    })
+}
+
+/// Parses grpc's `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+// === listeners ===
+
+/// A connection accepted on a unix or TCP listener.
+pub enum Io {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+/// What the transport knows about the caller; available to handlers as a
+/// request extension.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub peer: Peer,
+}
+
+impl Connected for Io {
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> ConnInfo {
+        let mut peer = Peer::default();
+        match self {
+            Io::Unix(s) => {
+                if let Ok(c) = s.peer_cred() {
+                    peer.uid = Some(c.uid());
+                    peer.pid = c.pid();
+                }
+            }
+            Io::Tcp(s) => peer.addr = s.peer_addr().ok(),
+        }
+        ConnInfo { peer }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut TaskCx<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut TaskCx<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Unix(s) => Pin::new(s).poll_flush(cx),
+            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Bound listeners for a set of URLs. Unix socket files are removed when
+/// this is dropped.
+pub struct Listeners {
+    unix: Vec<(UnixListener, PathBuf)>,
+    tcp: Vec<TcpListener>,
+    urls: Vec<Url>,
+}
+
+impl Listeners {
+    /// Binds every URL. A stale unix socket file (nobody accepting) is
+    /// replaced; a live one is an error, so two daemons never share a path.
+    pub async fn bind(urls: &[Url]) -> Result<Listeners, Error> {
+        let mut l = Listeners { unix: vec![], tcp: vec![], urls: vec![] };
+        for u in urls {
+            let lerr = |source| Error::Listen { url: u.to_string(), source };
+            match u.scheme() {
+                "unix" => {
+                    let path = PathBuf::from(u.path());
+                    if let Some(dir) = path.parent() {
+                        std::fs::create_dir_all(dir).map_err(lerr)?;
+                    }
+                    if path.exists() {
+                        if UnixStream::connect(&path).await.is_ok() {
+                            return Err(lerr(std::io::Error::new(
+                                std::io::ErrorKind::AddrInUse,
+                                "another process is serving this socket",
+                            )));
+                        }
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    let ln = UnixListener::bind(&path).map_err(lerr)?;
+                    l.urls.push(u.clone());
+                    l.unix.push((ln, path));
+                }
+                _ => {
+                    let auth = tcp_authority(u).ok_or_else(|| Error::BadUrl {
+                        url: u.to_string(),
+                        reason: "needs host:port".into(),
+                    })?;
+                    let ln = TcpListener::bind(&auth).await.map_err(lerr)?;
+                    let local = ln.local_addr().map_err(lerr)?;
+                    // Report the real port when asked for port 0.
+                    let mut bound = u.clone();
+                    let _ = bound.set_port(Some(local.port()));
+                    l.urls.push(bound);
+                    l.tcp.push(ln);
+                }
+            }
+        }
+        Ok(l)
+    }
+
+    /// The URLs actually bound (with real ports).
+    pub fn urls(&self) -> &[Url] {
+        &self.urls
+    }
+
+    /// First bound TCP address, if any.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.first().and_then(|l| l.local_addr().ok())
+    }
+
+    /// One stream of accepted connections from every listener.
+    pub fn into_incoming(self) -> (Incoming, SocketGuard) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Io>>(128);
+        let mut tasks = vec![];
+        let paths = self.unix.iter().map(|(_, p)| p.clone()).collect();
+        for (ln, _) in self.unix {
+            let tx = tx.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let r = ln.accept().await.map(|(s, _)| Io::Unix(s));
+                    if tx.send(r).await.is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+        for ln in self.tcp {
+            let tx = tx.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let r = ln.accept().await.map(|(s, _)| {
+                        let _ = s.set_nodelay(true);
+                        Io::Tcp(s)
+                    });
+                    if tx.send(r).await.is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+        (Incoming { rx }, SocketGuard { paths, tasks })
+    }
+}
+
+/// Accepted connections, ready for `serve_with_incoming`.
+pub struct Incoming {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Io>>,
+}
+
+impl Stream for Incoming {
+    type Item = std::io::Result<Io>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// Stops accepting and removes the unix socket files on drop.
+pub struct SocketGuard {
+    paths: Vec<PathBuf>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for p in &self.paths {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+// === dialing ===
+
+/// Dials an NSM URL. Fails fast (within `timeout`) with a message naming the
+/// URL when nothing listens there.
+pub async fn dial(u: &Url, timeout: Duration) -> Result<Channel, Error> {
+    let derr = |reason: String| Error::Dial { url: u.to_string(), reason };
+    match u.scheme() {
+        "unix" => {
+            let path: PathBuf = PathBuf::from(u.path());
+            let p2 = path.clone();
+            let ep = Endpoint::from_static("http://nsm.invalid").connect_timeout(timeout);
+            // A pre-flight connect gives a precise error (ENOENT vs ECONNREFUSED).
+            tokio::time::timeout(timeout, UnixStream::connect(&path))
+                .await
+                .map_err(|_| derr(format!("timed out after {timeout:?}")))?
+                .map_err(|e| derr(e.to_string()))?;
+            ep.connect_with_connector(tower::service_fn(move |_| {
+                let p = p2.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
+            }))
+            .await
+            .map_err(|e| derr(source_chain(&e)))
+        }
+        "tcp" => {
+            let auth = tcp_authority(u).ok_or_else(|| derr("needs host:port".into()))?;
+            Endpoint::from_shared(format!("http://{auth}"))
+                .map_err(|e| derr(e.to_string()))?
+                .connect_timeout(timeout)
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .map_err(|e| derr(source_chain(&e)))
+        }
+        s => Err(derr(format!("unsupported scheme {s:?}"))),
+    }
+}
+
+/// Renders an error with its sources (`a: b: c`), so transport errors say
+/// what actually went wrong.
+pub fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Dialed channels by URL, shared by every connection of a component.
+#[derive(Clone, Default)]
+pub struct ChannelPool {
+    chans: Arc<Mutex<HashMap<String, Channel>>>,
+    dial_timeout: Duration,
+}
+
+impl ChannelPool {
+    /// A pool dialing with `dial_timeout`.
+    pub fn new(dial_timeout: Duration) -> ChannelPool {
+        ChannelPool { chans: Arc::default(), dial_timeout }
+    }
+
+    /// A channel to `u`, dialing if needed.
+    pub async fn get(&self, u: &Url) -> Result<Channel, Status> {
+        if let Some(c) = self.chans.lock().unwrap_or_else(|e| e.into_inner()).get(u.as_str()) {
+            return Ok(c.clone());
+        }
+        let c = dial(u, self.dial_timeout).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        self.chans.lock().unwrap_or_else(|e| e.into_inner()).insert(u.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Forgets a channel after a transport failure, so the next call redials.
+    pub fn evict(&self, u: &Url) {
+        self.chans.lock().unwrap_or_else(|e| e.into_inner()).remove(u.as_str());
+    }
+}
+
+/// Unix socket path of a `unix://` URL.
+pub fn unix_path(u: &Url) -> Option<&Path> {
+    (u.scheme() == "unix").then(|| Path::new(u.path()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(parse_url("unix:///var/lib/networkservicemesh/nsm.io.sock").unwrap().path(), "/var/lib/networkservicemesh/nsm.io.sock");
+        assert_eq!(parse_url("registry:5002").unwrap().as_str(), "tcp://registry:5002");
+        assert_eq!(parse_url("tcp://:5001").unwrap().as_str(), "tcp://0.0.0.0:5001");
+        assert_eq!(tcp_authority(&parse_url("tcp://[::1]:5001").unwrap()).unwrap(), "[::1]:5001");
+        for bad in ["", "unix://relative.sock", "http://x:1", "tcp://host", "unix:///"] {
+            let e = parse_url(bad).unwrap_err().to_string();
+            assert!(e.contains("invalid URL"), "{bad}: {e}");
+        }
+        assert_eq!(parse_url_list("unix:///a.sock, tcp://:5001").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn grpc_timeout_header() {
+        assert_eq!(parse_grpc_timeout("15S"), Some(Duration::from_secs(15)));
+        assert_eq!(parse_grpc_timeout("750m"), Some(Duration::from_millis(750)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+    }
+
+    #[tokio::test]
+    async fn dial_errors_name_the_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let u = parse_url(&format!("unix://{}/nope.sock", dir.path().display())).unwrap();
+        let e = dial(&u, Duration::from_millis(200)).await.unwrap_err().to_string();
+        assert!(e.contains("nope.sock") && e.contains("No such file"), "{e}");
+        let u = parse_url("tcp://127.0.0.1:1").unwrap();
+        let e = dial(&u, Duration::from_millis(500)).await.unwrap_err().to_string();
+        assert!(e.contains("127.0.0.1:1"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn live_socket_is_not_stolen_and_stale_one_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let u = parse_url(&format!("unix://{}/s.sock", dir.path().display())).unwrap();
+        let l = Listeners::bind(std::slice::from_ref(&u)).await.unwrap();
+        let e = Listeners::bind(std::slice::from_ref(&u)).await.err().unwrap().to_string();
+        assert!(e.contains("another process"), "{e}");
+        let (_inc, guard) = l.into_incoming();
+        drop(guard);
+        assert!(!dir.path().join("s.sock").exists(), "socket file removed on drop");
+        std::os::unix::net::UnixListener::bind(dir.path().join("s.sock")).map(drop).unwrap(); // stale file
+        assert!(Listeners::bind(&[u]).await.is_ok());
+    }
+}

@@ -1,0 +1,4 @@
+//! Helpers without chain semantics.
+
+pub mod grpc;
+pub mod token;
