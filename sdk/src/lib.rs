@@ -9,5 +9,6 @@
 //! - [`testing`]: chain fixtures for tests.
 
 pub mod networkservice;
+pub mod registry;
 pub mod testing;
 pub mod tools;

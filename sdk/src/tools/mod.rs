@@ -1,4 +1,5 @@
 //! Helpers without chain semantics.
 
 pub mod grpc;
+pub mod netns;
 pub mod token;
