@@ -1,1 +1,14 @@
-fn main() {}
+use nsm_forwarder::{Config, run};
+use nsm_sdk::tools::daemon::{exit_with, shutdown_signal};
+use nsm_sdk::tools::grpc::Listeners;
+
+#[tokio::main]
+async fn main() {
+    let cfg: Config = nsm_sdk::tools::daemon::parse_or_exit();
+    cfg.common.init_or_exit("forwarder");
+    let listeners =
+        Listeners::bind(std::slice::from_ref(&cfg.listen_on)).await.unwrap_or_else(|e| exit_with("forwarder", e));
+    if let Err(e) = run(cfg, listeners, shutdown_signal()).await {
+        exit_with("forwarder", format!("{e:#}"));
+    }
+}

@@ -5,9 +5,11 @@
 //!   and its elements (`updatepath`, `begin`, `metadata`, `updatetoken`,
 //!   `timeout`, `monitor`, `trimpath`, `mechanisms`, `connect`, ...), plus
 //!   the gRPC server adapter.
+//! - [`ipam`]: address allocation for endpoints (point-to-point pairs).
 //! - [`tools`]: gRPC URLs/listeners/dialing and per-hop tokens.
 //! - [`testing`]: chain fixtures for tests.
 
+pub mod ipam;
 pub mod networkservice;
 pub mod registry;
 pub mod testing;

@@ -206,3 +206,144 @@ pub fn trace_init() {
         .with_test_writer()
         .try_init();
 }
+
+/// Throwaway network namespaces for tests that need a real kernel (root).
+pub mod netns {
+    use std::path::PathBuf;
+    use std::process::{Command, Output};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::tools::netns::NetnsHandle;
+
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+    /// A namespace made with `ip netns add <prefix>-<pid>-<n>`, with `lo` up.
+    /// Dropping it runs `ip netns del` (errors ignored, never panics), so it
+    /// is cleaned up even when an assertion fails. The kernel frees the
+    /// namespace (and the interfaces in it) once the last open handle or
+    /// socket in it is gone too.
+    pub struct TestNetns {
+        name: String,
+        handle: NetnsHandle,
+    }
+
+    impl std::fmt::Debug for TestNetns {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_tuple("TestNetns").field(&self.name).finish()
+        }
+    }
+
+    impl TestNetns {
+        /// Creates the namespace; panics (this is a test fixture) when `ip`
+        /// fails, e.g. when not run as root. Also sweeps leftovers of killed
+        /// runs with the same prefix.
+        pub fn new(prefix: &str) -> TestNetns {
+            sweep_stale(prefix);
+            let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+            let name = format!("{prefix}-{}-{n}", std::process::id());
+            run_ip(&["netns", "add", &name]);
+            // From here on the guard owns the name, so a failure below still cleans up.
+            let mut guard = Cleanup(Some(name.clone()));
+            run_ip(&["-n", &name, "link", "set", "lo", "up"]);
+            let handle = NetnsHandle::open(&PathBuf::from(format!("/run/netns/{name}")))
+                .unwrap_or_else(|e| panic!("opening test netns {name}: {e}"));
+            guard.0 = None;
+            TestNetns { name, handle }
+        }
+
+        /// The `ip netns` name.
+        pub fn name(&self) -> &str {
+            &self.name
+        }
+
+        /// An open handle on the namespace.
+        pub fn handle(&self) -> &NetnsHandle {
+            &self.handle
+        }
+
+        /// `/run/netns/<name>`.
+        pub fn path(&self) -> PathBuf {
+            PathBuf::from(format!("/run/netns/{}", self.name))
+        }
+
+        /// Runs `ip netns exec <name> args...` and returns its output.
+        pub fn exec(&self, args: &[&str]) -> Output {
+            Command::new("ip")
+                .args(["netns", "exec", &self.name])
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("running `ip netns exec {} {}`: {e}", self.name, args.join(" ")))
+        }
+    }
+
+    impl Drop for TestNetns {
+        fn drop(&mut self) {
+            delete(&self.name);
+        }
+    }
+
+    struct Cleanup(Option<String>);
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Some(n) = self.0.take() {
+                delete(&n);
+            }
+        }
+    }
+
+    fn delete(name: &str) {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+    }
+
+    fn run_ip(args: &[&str]) {
+        match Command::new("ip").args(args).output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => panic!(
+                "`ip {}` failed ({}): {} (tests that create namespaces must run as root)",
+                args.join(" "),
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => panic!("cannot run `ip {}`: {e} (is iproute2 installed?)", args.join(" ")),
+        }
+    }
+
+    /// Deletes namespaces named `<prefix>-<pid>-<n>` whose pid is no longer
+    /// running: leftovers of a test run that was killed before its Drop ran.
+    pub fn sweep_stale(prefix: &str) {
+        let Ok(rd) = std::fs::read_dir("/run/netns") else { return };
+        let lead = format!("{prefix}-");
+        for e in rd.flatten() {
+            let Some(name) = e.file_name().to_str().map(str::to_string) else { continue };
+            let Some(rest) = name.strip_prefix(&lead) else { continue };
+            let Some((pid, n)) = rest.split_once('-') else { continue };
+            let (Ok(pid), Ok(_)) = (pid.parse::<u32>(), n.parse::<u64>()) else { continue };
+            if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                delete(&name);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn sweep_removes_only_dead_owners() {
+            // pid_max is at most 2^22, so this pid is never alive.
+            let stale = "sdksweep-99999999-0";
+            run_ip(&["netns", "add", stale]);
+            let _cleanup = Cleanup(Some(stale.to_string()));
+            let live = TestNetns::new("sdksweep");
+            sweep_stale("sdksweep");
+            let names: Vec<String> = std::fs::read_dir("/run/netns")
+                .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str().map(str::to_string)).collect())
+                .unwrap_or_default();
+            assert!(!names.iter().any(|n| n == stale), "{names:?}");
+            assert!(names.iter().any(|n| n == live.name()), "{names:?}");
+            let o = live.exec(&["ip", "-o", "link", "show", "lo"]);
+            assert!(String::from_utf8_lossy(&o.stdout).contains("UP"), "lo is up");
+        }
+    }
+}

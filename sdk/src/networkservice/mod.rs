@@ -6,6 +6,7 @@ pub mod begin;
 pub mod chain;
 pub mod clientinfo;
 pub mod connect;
+pub mod discover;
 pub mod mechanisms;
 pub mod metadata;
 pub mod monitor;

@@ -33,6 +33,7 @@ use crate::networkservice::server::context_of;
 use crate::tools::grpc::ChannelPool;
 
 pub mod client;
+pub mod expire;
 pub mod memory;
 
 /// Stream of NS Find results.

@@ -73,9 +73,18 @@ pub fn parse_url(s: &str) -> Result<Url, Error> {
 }
 
 /// Parses a comma-separated list of URLs (`NSM_LISTEN_ON`).
-pub fn parse_url_list(s: &str) -> Result<Vec<Url>, Error> {
-    s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(parse_url).collect()
+pub fn parse_url_list(s: &str) -> Result<UrlList, Error> {
+    let v: Vec<Url> = s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(parse_url).collect::<Result<_, _>>()?;
+    if v.is_empty() {
+        return Err(Error::BadUrl { url: s.to_string(), reason: "no URL given".into() });
+    }
+    Ok(UrlList(v))
 }
+
+/// A list of URLs given as one comma-separated value (a newtype so clap
+/// treats it as a single value).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UrlList(pub Vec<Url>);
 
 /// `host:port` of a tcp URL (IPv6 hosts bracketed).
 pub fn tcp_authority(u: &Url) -> Option<String> {
@@ -390,7 +399,8 @@ mod tests {
             let e = parse_url(bad).unwrap_err().to_string();
             assert!(e.contains("invalid URL"), "{bad}: {e}");
         }
-        assert_eq!(parse_url_list("unix:///a.sock, tcp://:5001").unwrap().len(), 2);
+        assert_eq!(parse_url_list("unix:///a.sock, tcp://:5001").unwrap().0.len(), 2);
+        assert!(parse_url_list(" , ").is_err());
     }
 
     #[test]

@@ -1,5 +1,10 @@
 //! Helpers without chain semantics.
 
+pub mod daemon;
 pub mod grpc;
+pub mod labels;
+pub mod log;
+pub mod matchutils;
 pub mod netns;
+pub mod nsurl;
 pub mod token;

@@ -1,0 +1,292 @@
+//! `localkernel`: the KERNEL ↔ KERNEL wire on one node — a veth pair with
+//! one end in the client's netns (named as the client asked, e.g. `nsm-1`)
+//! and the other in the endpoint's netns, both created in place.
+//!
+//! # Guarantees
+//! - The client's netns is resolved (and positively matched) *before* the
+//!   endpoint is asked, so a bad request costs the endpoint nothing.
+//! - The endpoint is asked with the forwarder's own KERNEL preference (the
+//!   incoming mechanism is not forwarded); the endpoint answers with its
+//!   netns and interface name. The caller gets its own mechanism back.
+//! - Client side gets `src_ip_addrs`, endpoint side `dst_ip_addrs`; link
+//!   routes to the peer and the context's routes (gateway = the peer's
+//!   address) on each side; IPv6 without DAD; MTU from the context if set;
+//!   `ping_group_range` opened in the client netns.
+//! - Refresh repeats every step idempotently on the same interfaces (same
+//!   ifindex); address sets are diffed.
+//! - A first Request that fails after the endpoint answered removes the veth
+//!   pair and closes the endpoint side: nothing is left behind.
+//! - Close removes the pair (deleting one end removes both), then closes the
+//!   endpoint side with the mechanism it chose.
+//! - Interfaces carry the alias `nsm-<connection id>`: a name that exists
+//!   with another alias is never touched (`AlreadyExists`).
+//!
+//! # Chain placement
+//! In the forwarder chain after `discover`/`roundrobin`, before `connect`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use nsm_api::connection::{Connection, Mechanism};
+use nsm_api::ext::Cidr;
+use nsm_api::mechanisms::{cls, kernel};
+use nsm_api::networkservice::NetworkServiceRequest;
+use nsm_sdk::networkservice::chain::conn_mut;
+use nsm_sdk::networkservice::{Context, Element, Next};
+use nsm_sdk::tools::netns::{self, NetnsHandle};
+use rand::Rng;
+use tonic::Status;
+
+use crate::kernel::{self as k, KernelError, VethEnd};
+
+/// What this forwarder built for one connection.
+#[derive(Clone)]
+struct Wire {
+    client_ns: NetnsHandle,
+    client_if: String,
+    nse_ns: NetnsHandle,
+    nse_if: String,
+    alias: String,
+    /// The mechanism the endpoint chose (sent back on refresh and Close).
+    outgoing: Mechanism,
+    /// The netns parameters the client sent, to notice a change on refresh.
+    client_key: (Option<String>, Option<String>),
+}
+
+/// The `localkernel` element.
+pub struct LocalKernel;
+
+impl LocalKernel {
+    /// A new element.
+    pub fn new() -> Arc<LocalKernel> {
+        Arc::new(LocalKernel)
+    }
+}
+
+fn kernel_error(e: KernelError) -> Status {
+    match &e {
+        KernelError::NameTaken { .. } => Status::already_exists(e.to_string()),
+        KernelError::InvalidName { .. } => Status::invalid_argument(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn netns_error(who: &str, e: netns::NetnsError) -> Status {
+    Status::failed_precondition(format!("cannot find the {who}'s network namespace: {e}"))
+}
+
+/// A random interface name `<prefix[:10]>-<4 random>`, as upstream
+/// generates them (15 bytes at most).
+pub fn generate_ifname(prefix: &str) -> String {
+    let clean: String = prefix
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(10)
+        .collect();
+    let clean = if clean.is_empty() { "nsm".to_string() } else { clean };
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    let suffix: String = (0..4).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect();
+    format!("{clean}-{suffix}")
+}
+
+fn netns_key(m: &Mechanism) -> (Option<String>, Option<String>) {
+    (m.parameters.get(kernel::INODE_URL).cloned(), m.parameters.get(kernel::NETNS_INODE).cloned())
+}
+
+fn resolve(m: &Mechanism, who: &str) -> Result<NetnsHandle, Status> {
+    let (url, ino) = netns_key(m);
+    netns::resolve(url.as_deref(), ino.as_deref()).map_err(|e| netns_error(who, e))
+}
+
+fn parse_all(v: &[String], what: &str) -> Result<Vec<Cidr>, Status> {
+    v.iter()
+        .map(|s| Cidr::parse(s).ok_or_else(|| Status::invalid_argument(format!("{what} {s:?} is not addr/len"))))
+        .collect()
+}
+
+/// Builds (or re-checks) the wire and applies the connection context.
+async fn build(w: &Wire, conn: &Connection) -> Result<(), Status> {
+    let ctx = conn.context.clone().unwrap_or_default();
+    let ip = ctx.ip_context.clone().unwrap_or_default();
+    let mtu = (ctx.mtu > 0).then_some(ctx.mtu);
+    let a = VethEnd { netns: w.client_ns.clone(), name: w.client_if.clone(), alias: w.alias.clone(), mtu };
+    let b = VethEnd { netns: w.nse_ns.clone(), name: w.nse_if.clone(), alias: w.alias.clone(), mtu };
+    k::ensure_veth_pair(&a, &b).await.map_err(kernel_error)?;
+    let src = parse_all(&ip.src_ip_addrs, "src_ip_addrs entry")?;
+    let dst = parse_all(&ip.dst_ip_addrs, "dst_ip_addrs entry")?;
+    k::apply_addresses(&w.client_ns, &w.client_if, &src).await.map_err(kernel_error)?;
+    k::apply_addresses(&w.nse_ns, &w.nse_if, &dst).await.map_err(kernel_error)?;
+    let mut client_routes = ip.dst_ip_routes();
+    client_routes.extend(ip.src_routes_with_explicit_next_hop());
+    let mut nse_routes = ip.src_ip_routes();
+    nse_routes.extend(ip.dst_routes_with_explicit_next_hop());
+    k::apply_routes(&w.client_ns, &w.client_if, &client_routes).await.map_err(kernel_error)?;
+    k::apply_routes(&w.nse_ns, &w.nse_if, &nse_routes).await.map_err(kernel_error)?;
+    k::open_ping_group_range(&w.client_ns).await.map_err(kernel_error)?;
+    Ok(())
+}
+
+async fn teardown(w: &Wire) {
+    if let Err(e) = k::delete_link(&w.client_ns, &w.client_if, Some(&w.alias)).await {
+        tracing::warn!(netns = %w.client_ns.describe(), ifname = %w.client_if, error = %e, "removing the client end failed");
+    }
+    // Normally gone with its peer; this covers a half-created pair.
+    let _ = k::delete_link(&w.nse_ns, &w.nse_if, Some(&w.alias)).await;
+}
+
+#[async_trait]
+impl Element for LocalKernel {
+    fn name(&self) -> &'static str {
+        "localkernel"
+    }
+
+    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+        let meta = ctx.meta.clone().ok_or_else(|| Status::internal("chain misconfigured: localkernel needs metadata"))?;
+        let prev: Option<Wire> = meta.server_get::<Wire>();
+        let conn = conn_mut(&mut req);
+        let incoming = match conn.mechanism.clone() {
+            Some(m) => m,
+            None => req
+                .mechanism_preferences
+                .iter()
+                .find(|m| m.r#type == kernel::MECHANISM)
+                .cloned()
+                .ok_or_else(|| {
+                    let offered: Vec<_> = req.mechanism_preferences.iter().map(|m| m.r#type.as_str()).collect();
+                    Status::invalid_argument(format!(
+                        "this forwarder connects local clients by KERNEL only; the request offers [{}]",
+                        offered.join(", ")
+                    ))
+                })?,
+        };
+        if incoming.r#type != kernel::MECHANISM {
+            return Err(Status::invalid_argument(format!(
+                "mechanism {} is not supported for local clients (supported: KERNEL)",
+                incoming.r#type
+            )));
+        }
+        let conn = conn_mut(&mut req);
+        let mut incoming = incoming;
+        let client_if = match incoming.parameters.get(kernel::NAME).filter(|n| !n.is_empty()) {
+            Some(n) => n.clone(),
+            None => prev.as_ref().map(|w| w.client_if.clone()).unwrap_or_else(|| generate_ifname(&conn.network_service)),
+        };
+        k::validate_ifname(&client_if).map_err(kernel_error)?;
+        incoming.parameters.insert(kernel::NAME.to_string(), client_if.clone());
+        let key = netns_key(&incoming);
+        let client_ns = match &prev {
+            Some(w) if w.client_key == key => w.client_ns.clone(),
+            _ => resolve(&incoming, "client")?,
+        };
+        let alias = format!("nsm-{}", conn.id);
+        let nse_if = prev.as_ref().map(|w| w.nse_if.clone()).unwrap_or_else(|| generate_ifname(&conn.network_service));
+
+        // Ask the endpoint with our own mechanism (mechanismtranslation).
+        let mut out = req.clone();
+        let oc = conn_mut(&mut out);
+        oc.mechanism = prev.as_ref().map(|w| w.outgoing.clone());
+        out.mechanism_preferences = vec![Mechanism {
+            cls: cls::LOCAL.to_string(),
+            r#type: kernel::MECHANISM.to_string(),
+            parameters: HashMap::from([(kernel::NAME.to_string(), nse_if.clone())]),
+        }];
+        let mut res = next.clone().request(ctx, out).await?;
+
+        let built = async {
+            let outgoing = res
+                .mechanism
+                .clone()
+                .filter(|m| m.r#type == kernel::MECHANISM)
+                .ok_or_else(|| Status::internal("the endpoint answered without a KERNEL mechanism"))?;
+            let nse_if = outgoing.parameters.get(kernel::NAME).cloned().unwrap_or(nse_if.clone());
+            k::validate_ifname(&nse_if).map_err(kernel_error)?;
+            let nse_ns = match &prev {
+                Some(w) if netns_key(&w.outgoing) == netns_key(&outgoing) => w.nse_ns.clone(),
+                _ => resolve(&outgoing, "endpoint")?,
+            };
+            let wire = Wire {
+                client_ns: client_ns.clone(),
+                client_if: client_if.clone(),
+                nse_ns,
+                nse_if,
+                alias: alias.clone(),
+                outgoing,
+                client_key: key.clone(),
+            };
+            // A changed netns on either side means a new wire: drop the old one.
+            if let Some(p) = &prev
+                && (p.client_ns.inode() != wire.client_ns.inode() || p.nse_ns.inode() != wire.nse_ns.inode())
+            {
+                teardown(p).await;
+            }
+            Ok::<Wire, Status>(wire)
+        }
+        .await;
+        let wire = match built {
+            Ok(w) => w,
+            Err(e) => {
+                if prev.is_none() {
+                    let mut cctx = ctx.detached(nsm_sdk::networkservice::connect::DEFAULT_CALL_TIMEOUT);
+                    cctx.meta = ctx.meta.clone();
+                    let _ = next.close(&mut cctx, res).await;
+                }
+                return Err(e);
+            }
+        };
+        if let Err(e) = build(&wire, &res).await {
+            tracing::warn!(conn_id = %res.id, error = %e.message(), "building the wire failed");
+            if prev.is_none() {
+                teardown(&wire).await;
+                let mut cctx = ctx.detached(nsm_sdk::networkservice::connect::DEFAULT_CALL_TIMEOUT);
+                cctx.meta = ctx.meta.clone();
+                let _ = next.close(&mut cctx, res).await;
+            }
+            return Err(e);
+        }
+        tracing::debug!(
+            client = %format!("{} in {}", wire.client_if, wire.client_ns.describe()),
+            endpoint = %format!("{} in {}", wire.nse_if, wire.nse_ns.describe()),
+            "veth wire ready"
+        );
+        meta.server_insert(wire);
+        res.mechanism = Some(incoming);
+        Ok(res)
+    }
+
+    async fn close(&self, ctx: &mut Context, mut conn: Connection, next: Next) -> Result<(), Status> {
+        let wire = ctx.meta.as_ref().and_then(|m| m.server_remove::<Wire>());
+        match &wire {
+            Some(w) => {
+                teardown(w).await;
+                conn.mechanism = Some(w.outgoing.clone());
+            }
+            None => {
+                // Not built by this process (e.g. the forwarder restarted):
+                // remove the client end if it is positively ours.
+                if let Some(m) = conn.mechanism.clone()
+                    && let Some(name) = m.parameters.get(kernel::NAME)
+                    && let Ok(ns) = resolve(&m, "client")
+                {
+                    let alias = format!("nsm-{}", conn.id);
+                    let _ = k::delete_link(&ns, name, Some(&alias)).await;
+                }
+                conn.mechanism = None;
+            }
+        }
+        next.close(ctx, conn).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn generated_names_fit() {
+        let n = super::generate_ifname("icmp-responder");
+        assert_eq!(n.len(), 15);
+        assert!(n.starts_with("icmp-respo-"));
+        assert!(super::generate_ifname("a/b c").starts_with("abc-"));
+        assert!(super::generate_ifname("").starts_with("nsm-"));
+    }
+}

@@ -1,0 +1,393 @@
+//! The lab environment: named network namespaces and real processes running
+//! in them, all recorded in a state directory so that a crash, Ctrl-C or a
+//! kept lab can always be removed.
+//!
+//! # Guarantees
+//! - Every namespace is named `<prefix>-<name>`; every daemon is started as
+//!   `setpriv --pdeathsig KILL ip netns exec <ns> <binary>`, so if the lab
+//!   process dies (even by SIGKILL) its daemons die with it.
+//! - `Lab::new` first removes whatever an earlier lab with the same prefix
+//!   left behind; [`down`] does the same on demand (`nsm-lab down`).
+//! - Dropping a [`Lab`] (unless kept) stops the daemons in reverse start
+//!   order (SIGTERM, then SIGKILL after 3 s), deletes the namespaces and the
+//!   state directory — also when a test panics.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+/// Root of all lab state directories.
+pub const STATE_ROOT: &str = "/run/nsm-lab";
+
+/// A daemon started by the lab.
+pub struct Proc {
+    pub name: String,
+    pub netns: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct State {
+    pids: Vec<(String, u32)>,
+    netns: Vec<String>,
+    bin_dir: PathBuf,
+}
+
+/// A lab: namespaces and processes under one prefix.
+pub struct Lab {
+    prefix: String,
+    dir: PathBuf,
+    bin_dir: PathBuf,
+    netns: Vec<String>,
+    procs: Vec<Proc>,
+    keep: bool,
+    torn_down: bool,
+}
+
+/// Where the workspace binaries are: next to the running executable, or
+/// (for test executables under `target/<profile>/deps`) one level up.
+pub fn default_bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the running executable")?;
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    for b in ["nsmgr", "forwarder", "nse-icmp-responder", "nsc", "nsm-registry"] {
+        if !dir.join(b).is_file() {
+            bail!(
+                "binary {b} not found in {} — build the workspace binaries first: cargo build --workspace --bins",
+                dir.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+fn check_tools() -> anyhow::Result<()> {
+    for (tool, pkg) in [("ip", "iproute2"), ("setpriv", "util-linux"), ("ping", "iputils-ping")] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false);
+        if !found {
+            bail!("`{tool}` is not installed (Debian package {pkg})");
+        }
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("the lab creates network namespaces and interfaces: run it as root");
+    }
+    Ok(())
+}
+
+impl Lab {
+    /// A new lab under `prefix`, removing leftovers of an earlier one.
+    pub fn new(prefix: &str, bin_dir: PathBuf) -> anyhow::Result<Lab> {
+        check_tools()?;
+        if prefix.is_empty() || prefix.len() > 16 || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            bail!("lab prefix {prefix:?} must be 1-16 characters of [A-Za-z0-9-]");
+        }
+        down(prefix)?;
+        let dir = Path::new(STATE_ROOT).join(prefix);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let lab = Lab { prefix: prefix.to_string(), dir, bin_dir, netns: vec![], procs: vec![], keep: false, torn_down: false };
+        lab.save()?;
+        Ok(lab)
+    }
+
+    /// The state directory (logs, sockets).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The prefix of every namespace name.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Keep everything running when this value is dropped (`nsm-lab up`).
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        let st = State {
+            pids: self.procs.iter().map(|p| (p.name.clone(), p.child.id())).collect(),
+            netns: self.netns.clone(),
+            bin_dir: self.bin_dir.clone(),
+        };
+        let p = self.dir.join("state.json");
+        fs::write(&p, serde_json::to_vec_pretty(&st)?).with_context(|| format!("writing {}", p.display()))
+    }
+
+    /// Creates namespace `<prefix>-<name>` with `lo` up; returns its name.
+    pub fn add_netns(&mut self, name: &str) -> anyhow::Result<String> {
+        let full = format!("{}-{name}", self.prefix);
+        run_ok(Command::new("ip").args(["netns", "add", &full]))?;
+        self.netns.push(full.clone());
+        self.save()?;
+        run_ok(Command::new("ip").args(["-n", &full, "link", "set", "lo", "up"]))?;
+        Ok(full)
+    }
+
+    /// Path of a workspace binary.
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.bin_dir.join(name)
+    }
+
+    /// Starts a daemon in `netns` with exactly `env` (plus PATH); its output
+    /// goes to `<dir>/<name>.log`.
+    pub fn spawn(&mut self, name: &str, netns: &str, bin: &str, env: &[(&str, String)]) -> anyhow::Result<()> {
+        self.spawn_args(name, netns, bin, &[], env)
+    }
+
+    /// [`Lab::spawn`] with command-line arguments.
+    pub fn spawn_args(
+        &mut self,
+        name: &str,
+        netns: &str,
+        bin: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<()> {
+        let log = self.dir.join(format!("{name}.log"));
+        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--pdeathsig", "KILL", "ip", "netns", "exec", netns])
+            .arg(self.bin(bin))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        if let Some(v) = std::env::var_os("RUST_LOG") {
+            cmd.env("RUST_LOG", v);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {bin} in {netns}"))?;
+        self.procs.push(Proc { name: name.to_string(), netns: netns.to_string(), child, log });
+        self.save()
+    }
+
+    /// The daemon called `name`.
+    pub fn proc(&mut self, name: &str) -> Option<&mut Proc> {
+        self.procs.iter_mut().find(|p| p.name == name)
+    }
+
+    /// Sends `sig` to daemon `name` (tests: kill -9 mid-request).
+    pub fn signal(&mut self, name: &str, sig: Signal) -> anyhow::Result<()> {
+        let p = self.proc(name).with_context(|| format!("no daemon {name}"))?;
+        kill(Pid::from_raw(p.child.id() as i32), sig).with_context(|| format!("signalling {name}"))?;
+        Ok(())
+    }
+
+    /// Stops daemon `name` gracefully (SIGTERM, SIGKILL after `grace`) and
+    /// forgets it.
+    pub fn stop(&mut self, name: &str, grace: Duration) -> anyhow::Result<()> {
+        let i = self.procs.iter().position(|p| p.name == name).with_context(|| format!("no daemon {name}"))?;
+        let mut p = self.procs.remove(i);
+        stop_child(&mut p.child, grace);
+        self.save()
+    }
+
+    /// True if daemon `name` is still running.
+    pub fn running(&mut self, name: &str) -> bool {
+        self.proc(name).is_some_and(|p| matches!(p.child.try_wait(), Ok(None)))
+    }
+
+    /// The last `n` lines of daemon `name`'s log.
+    pub fn log_tail(&self, name: &str, n: usize) -> String {
+        let p = self.dir.join(format!("{name}.log"));
+        let mut s = String::new();
+        if let Ok(mut f) = File::open(&p) {
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+            let _ = f.read_to_string(&mut s);
+        }
+        let lines: Vec<_> = s.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Names of the running daemons, in start order.
+    pub fn daemons(&self) -> Vec<String> {
+        self.procs.iter().map(|p| p.name.clone()).collect()
+    }
+
+    /// Runs `bin` once in `netns` (e.g. `nsc init`) with `env`, up to
+    /// `timeout`; the process is killed if it takes longer.
+    pub fn run_once(
+        &self,
+        netns: &str,
+        bin: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+        timeout: Duration,
+    ) -> anyhow::Result<Output> {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--pdeathsig", "KILL", "ip", "netns", "exec", netns])
+            .arg(self.bin(bin))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("NSM_LOG_LEVEL", "WARN");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        output_with_timeout(cmd, timeout)
+    }
+
+    /// Runs `args` in `netns` via `ip netns exec` (ping, ip, ...).
+    pub fn exec(&self, netns: &str, args: &[&str], timeout: Duration) -> anyhow::Result<Output> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns]).args(args);
+        output_with_timeout(cmd, timeout)
+    }
+
+    /// Stops every daemon (reverse order) and deletes every namespace.
+    pub fn teardown(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        while let Some(mut p) = self.procs.pop() {
+            stop_child(&mut p.child, Duration::from_secs(3));
+        }
+        for ns in self.netns.drain(..).rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.keep {
+            self.teardown();
+        }
+    }
+}
+
+fn stop_child(child: &mut Child, grace: Duration) {
+    let pid = Pid::from_raw(child.id() as i32);
+    let _ = kill(pid, Signal::SIGTERM);
+    let t0 = Instant::now();
+    while t0.elapsed() < grace {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = kill(pid, Signal::SIGKILL);
+    let _ = child.wait();
+}
+
+fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Runs `cmd` collecting output, killing it after `timeout`.
+pub fn output_with_timeout(mut cmd: Command, timeout: Duration) -> anyhow::Result<Output> {
+    let dir = std::env::temp_dir();
+    let tag = format!("nsm-lab-{}-{}", std::process::id(), rand_suffix());
+    let (op, ep) = (dir.join(format!("{tag}.out")), dir.join(format!("{tag}.err")));
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(File::create(&op)?)
+        .stderr(File::create(&ep)?)
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let mut child = child;
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if t0.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = (fs::remove_file(&op), fs::remove_file(&ep));
+            bail!("{cmd:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = Output { status, stdout: fs::read(&op).unwrap_or_default(), stderr: fs::read(&ep).unwrap_or_default() };
+    let _ = (fs::remove_file(&op), fs::remove_file(&ep));
+    Ok(out)
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// What [`down`] removed.
+#[derive(Debug, Default)]
+pub struct DownReport {
+    pub killed: Vec<String>,
+    pub netns: Vec<String>,
+}
+
+/// Removes everything a lab with `prefix` left: its recorded daemons (only
+/// if the pid still runs a binary from the recorded directory, so a reused
+/// pid is never killed), every namespace named `<prefix>-*`, and the state
+/// directory.
+pub fn down(prefix: &str) -> anyhow::Result<DownReport> {
+    let mut rep = DownReport::default();
+    let dir = Path::new(STATE_ROOT).join(prefix);
+    if let Ok(b) = fs::read(dir.join("state.json"))
+        && let Ok(st) = serde_json::from_slice::<State>(&b)
+    {
+        let mut pids: HashMap<u32, String> = HashMap::new();
+        for (name, pid) in st.pids.iter().rev() {
+            pids.insert(*pid, name.clone());
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if !st.bin_dir.as_os_str().is_empty() && cmdline.contains(&*st.bin_dir.to_string_lossy()) {
+                let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
+                rep.killed.push(name.clone());
+            }
+        }
+        // Give them a moment to close connections, then make sure.
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(3)
+            && pids.keys().any(|p| Path::new(&format!("/proc/{p}")).exists())
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for pid in pids.keys() {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&*st.bin_dir.to_string_lossy()) {
+                let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+            }
+        }
+    }
+    let want = format!("{prefix}-");
+    if let Ok(rd) = fs::read_dir("/run/netns") {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if n.starts_with(&want) {
+                let _ = Command::new("ip").args(["netns", "del", &n]).stderr(Stdio::null()).status();
+                rep.netns.push(n);
+            }
+        }
+    }
+    let _ = fs::remove_dir_all(&dir);
+    Ok(rep)
+}

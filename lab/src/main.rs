@@ -1,0 +1,121 @@
+//! `nsm-lab`: the local NSM lab. See `nsm-lab --help`.
+
+use clap::{Parser, Subcommand};
+use nsm_lab::demo::{self, DemoOpts};
+use nsm_lab::{Lab, default_bin_dir, down};
+use nsm_sdk::tools::daemon::shutdown_signal;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "nsm-lab",
+    version,
+    about = "Local Network Service Mesh lab: network namespaces stand in for nodes and pods",
+    long_about = "Builds a node namespace running the registry, nsmgr and forwarder, an endpoint pod \
+                  (icmp-responder) and a client pod, connects the client to the endpoint over a real \
+                  veth wire with `nsc init`, proves it with ping both ways, prints the connection, and \
+                  tears everything down. Needs root, iproute2 and iputils-ping, and the workspace \
+                  binaries next to this one (cargo build --workspace --bins)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// Prefix of every namespace and of the state directory /run/nsm-lab/<prefix>.
+    #[arg(long, global = true, default_value = "nsmlab")]
+    prefix: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the demo and tear down (the default).
+    Run {
+        /// Keep the lab running afterwards; remove it with `nsm-lab down`.
+        #[arg(long)]
+        keep: bool,
+        /// Address pool of the endpoint.
+        #[arg(long, default_value = "172.16.1.100/31")]
+        cidr: String,
+        /// Log level of the daemons (logs go to /run/nsm-lab/<prefix>/*.log).
+        #[arg(long, default_value = "INFO")]
+        log_level: String,
+    },
+    /// Remove a kept (or crashed) lab: its processes, namespaces and state.
+    Down,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    let cmd = cli.cmd.unwrap_or(Cmd::Run { keep: false, cidr: "172.16.1.100/31".into(), log_level: "INFO".into() });
+    match cmd {
+        Cmd::Down => match down(&cli.prefix) {
+            Ok(r) => {
+                println!(
+                    "removed lab {:?}: {} processes stopped, {} namespaces deleted",
+                    cli.prefix,
+                    r.killed.len(),
+                    r.netns.len()
+                );
+            }
+            Err(e) => {
+                eprintln!("nsm-lab: {e:#}");
+                std::process::exit(1);
+            }
+        },
+        Cmd::Run { keep, cidr, log_level } => {
+            let code = run(&cli.prefix, DemoOpts { keep, cidr, log_level }).await;
+            std::process::exit(code);
+        }
+    }
+}
+
+async fn run(prefix: &str, opts: DemoOpts) -> i32 {
+    let bin_dir = match default_bin_dir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("nsm-lab: {e:#}");
+            return 64;
+        }
+    };
+    let mut lab = match Lab::new(prefix, bin_dir) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("nsm-lab: {e:#}");
+            return 1;
+        }
+    };
+    println!("nsm-lab: namespaces {prefix}-*, state and logs in {}", lab.dir().display());
+    let t0 = std::time::Instant::now();
+    let res = tokio::select! {
+        r = demo::run(&mut lab, &opts) => r,
+        _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+    };
+    let code = match &res {
+        Ok(()) => 0,
+        Err(e) => {
+            println!();
+            eprintln!("nsm-lab: {e:#}");
+            1
+        }
+    };
+    if opts.keep && res.is_ok() {
+        lab.keep();
+        return 0;
+    }
+    print!("tearing down ... ");
+    lab.teardown();
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.starts_with(&format!("{prefix}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    if left.is_empty() {
+        println!("done, no namespaces or processes left ({:.1} s in all)", t0.elapsed().as_secs_f64());
+    } else {
+        println!("namespaces left behind: {left:?} (run nsm-lab down)");
+        return 1;
+    }
+    code
+}

@@ -1,0 +1,261 @@
+//! Mesh building blocks on top of [`Lab`]: a node (registry, nsmgr and
+//! forwarder in the node's namespace), endpoints and clients in their own
+//! pod namespaces, and queries against the running components — the same
+//! binaries and the same `NSM_*` configuration as in Kubernetes.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use futures::StreamExt;
+use nsm_api::connection::monitor_connection_client::MonitorConnectionClient;
+use nsm_api::connection::{Connection, MonitorScopeSelector};
+use nsm_api::registry::NetworkServiceEndpoint;
+use nsm_sdk::networkservice::Context;
+use nsm_sdk::registry::{RemoteRegistry, find_nses};
+use nsm_sdk::tools::grpc::{ChannelPool, dial, parse_url};
+use serde::Deserialize;
+use url::Url;
+
+use crate::env::Lab;
+
+/// A node: its namespace and the sockets of its nsmgr and forwarder.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub name: String,
+    pub netns: String,
+    pub nsmgr_url: Url,
+    pub forwarder_url: Url,
+    pub nsmgr_name: String,
+    pub forwarder_name: String,
+    pub registry_url: Url,
+}
+
+/// Options of [`start_node`].
+#[derive(Clone, Debug)]
+pub struct NodeOpts {
+    /// Registration expiry at the registry and nsmgr.
+    pub expire_period: String,
+    /// Token lifetime of the components (connections of clients that stop
+    /// refreshing are closed after it).
+    pub max_token_lifetime: String,
+    pub log_level: String,
+}
+
+impl Default for NodeOpts {
+    fn default() -> Self {
+        NodeOpts { expire_period: "1m".into(), max_token_lifetime: "10m".into(), log_level: "INFO".into() }
+    }
+}
+
+/// An endpoint pod.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub name: String,
+    pub netns: String,
+    pub url: Url,
+    pub service: String,
+}
+
+/// One connection as `nsc --output json` reports it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct NscSummary {
+    pub id: String,
+    pub network_service: String,
+    pub interface: String,
+    pub src_ips: Vec<String>,
+    pub dst_ips: Vec<String>,
+    pub nse: String,
+    pub path: Vec<String>,
+    pub setup_ms: f64,
+    #[serde(default)]
+    pub adopted: bool,
+}
+
+/// Result of a one-shot `nsc init`.
+#[derive(Debug)]
+pub struct NscRun {
+    pub ok: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub summaries: Vec<NscSummary>,
+    pub took: Duration,
+}
+
+fn sock(lab: &Lab, rel: &str) -> anyhow::Result<Url> {
+    let p: PathBuf = lab.dir().join(rel);
+    Ok(parse_url(&format!("unix://{}", p.display()))?)
+}
+
+/// Starts registry, nsmgr and forwarder in a new node namespace and waits
+/// until the forwarder is registered.
+pub async fn start_node(lab: &mut Lab, name: &str, opts: &NodeOpts) -> anyhow::Result<Node> {
+    let netns = lab.add_netns(name)?;
+    let nsmgr_url = sock(lab, &format!("{name}/nsm.io.sock"))?;
+    let forwarder_url = sock(lab, &format!("{name}/forwarder.sock"))?;
+    let registry_url = parse_url("tcp://127.0.0.1:5002")?;
+    let node = Node {
+        name: name.to_string(),
+        netns: netns.clone(),
+        nsmgr_url: nsmgr_url.clone(),
+        forwarder_url: forwarder_url.clone(),
+        nsmgr_name: format!("nsmgr-{name}"),
+        forwarder_name: format!("forwarder-{name}"),
+        registry_url: registry_url.clone(),
+    };
+    let ll = opts.log_level.clone();
+    lab.spawn(
+        &format!("registry-{name}"),
+        &netns,
+        "nsm-registry",
+        &[
+            ("NSM_LISTEN_ON", registry_url.to_string()),
+            ("NSM_EXPIRE_PERIOD", opts.expire_period.clone()),
+            ("NSM_LOG_LEVEL", ll.clone()),
+        ],
+    )?;
+    lab.spawn(
+        &node.nsmgr_name,
+        &netns,
+        "nsmgr",
+        &[
+            ("NSM_NAME", node.nsmgr_name.clone()),
+            ("NSM_LISTEN_ON", format!("{nsmgr_url},tcp://127.0.0.1:5001")),
+            ("NSM_REGISTRY_URL", registry_url.to_string()),
+            ("NSM_EXPIRE_PERIOD", opts.expire_period.clone()),
+            ("NSM_MAX_TOKEN_LIFETIME", opts.max_token_lifetime.clone()),
+            ("NODE_NAME", name.to_string()),
+            ("NSM_LOG_LEVEL", ll.clone()),
+        ],
+    )?;
+    lab.spawn(
+        &node.forwarder_name,
+        &netns,
+        "forwarder",
+        &[
+            ("NSM_NAME", node.forwarder_name.clone()),
+            ("NSM_LISTEN_ON", forwarder_url.to_string()),
+            ("NSM_CONNECT_TO", nsmgr_url.to_string()),
+            ("NSM_MAX_TOKEN_LIFETIME", opts.max_token_lifetime.clone()),
+            ("NSM_LOG_LEVEL", ll),
+        ],
+    )?;
+    wait_registered(lab, &node, &node.forwarder_name, Duration::from_secs(20)).await?;
+    Ok(node)
+}
+
+/// Starts an icmp-responder endpoint in its own pod namespace on `node`,
+/// serving `service` from `cidr`; waits until it is registered.
+pub async fn start_nse(
+    lab: &mut Lab,
+    node: &Node,
+    name: &str,
+    service: &str,
+    cidr: &str,
+    extra: &[(&str, String)],
+) -> anyhow::Result<Endpoint> {
+    let netns = lab.add_netns(name)?;
+    let url = sock(lab, &format!("{name}.sock"))?;
+    let mut env = vec![
+        ("NSM_NAME", name.to_string()),
+        ("NSM_CONNECT_TO", node.nsmgr_url.to_string()),
+        ("NSM_LISTEN_ON", url.to_string()),
+        ("NSM_SERVICE_NAMES", service.to_string()),
+        ("NSM_CIDR_PREFIX", cidr.to_string()),
+        ("NSM_LOG_LEVEL", "INFO".to_string()),
+    ];
+    env.extend(extra.iter().cloned());
+    lab.spawn(name, &netns, "nse-icmp-responder", &env)?;
+    wait_registered(lab, node, name, Duration::from_secs(20)).await?;
+    Ok(Endpoint { name: name.to_string(), netns, url, service: service.to_string() })
+}
+
+/// Waits until endpoint `name` can be found through `node`'s nsmgr. Fails
+/// early (with the process log) if its process died.
+pub async fn wait_registered(lab: &mut Lab, node: &Node, name: &str, timeout: Duration) -> anyhow::Result<()> {
+    let reg = RemoteRegistry::new(node.nsmgr_url.clone(), ChannelPool::new(Duration::from_millis(500)));
+    let t0 = Instant::now();
+    loop {
+        let ctx = Context::with_timeout(Duration::from_secs(2));
+        let q = NetworkServiceEndpoint { name: name.to_string(), ..Default::default() };
+        if let Ok(v) = find_nses(&reg, &ctx, q).await
+            && v.iter().any(|n| n.name == name)
+        {
+            return Ok(());
+        }
+        for d in lab.daemons() {
+            if !lab.running(&d) {
+                bail!("{d} exited during start-up; its log ends with:\n{}", lab.log_tail(&d, 15));
+            }
+        }
+        if t0.elapsed() > timeout {
+            bail!("{name} did not register within {timeout:?}; its log ends with:\n{}", lab.log_tail(name, 15));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `nsc init` in `netns` against `node` for `nsurls`.
+pub fn nsc_init(
+    lab: &Lab,
+    node: &Node,
+    netns: &str,
+    name: &str,
+    nsurls: &str,
+    extra: &[(&str, String)],
+) -> anyhow::Result<NscRun> {
+    let mut env = vec![
+        ("NSM_NAME", name.to_string()),
+        ("NSM_CONNECT_TO", node.nsmgr_url.to_string()),
+        ("NSM_NETWORK_SERVICES", nsurls.to_string()),
+        ("NSM_OUTPUT", "json".to_string()),
+    ];
+    env.extend(extra.iter().cloned());
+    let t0 = Instant::now();
+    let out = lab.run_once(netns, "nsc", &["init"], &env, Duration::from_secs(60))?;
+    let took = t0.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let summaries = stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    Ok(NscRun {
+        ok: out.status.success(),
+        code: out.status.code(),
+        stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+        summaries,
+        took,
+    })
+}
+
+/// Connections a component currently reports on MonitorConnections.
+pub async fn connections(url: &Url) -> anyhow::Result<Vec<Connection>> {
+    let ch = dial(url, Duration::from_secs(2)).await?;
+    let mut s = MonitorConnectionClient::new(ch)
+        .monitor_connections(MonitorScopeSelector::default())
+        .await
+        .with_context(|| format!("MonitorConnections on {url}"))?
+        .into_inner();
+    let ev = tokio::time::timeout(Duration::from_secs(3), s.next())
+        .await
+        .with_context(|| format!("no initial state from {url}"))?
+        .with_context(|| format!("{url} ended the monitor stream"))??;
+    Ok(ev.connections.into_values().collect())
+}
+
+/// Interface names in `netns` (besides `lo`).
+pub fn links(lab: &Lab, netns: &str) -> anyhow::Result<Vec<String>> {
+    let out = lab.exec(netns, &["ip", "-o", "link", "show"], Duration::from_secs(5))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| n != "lo")
+        .collect())
+}
+
+/// Pings `dst` from `netns` out of `ifname`; returns ping's output.
+pub fn ping(lab: &Lab, netns: &str, ifname: &str, dst: &str, count: u32) -> anyhow::Result<(bool, String)> {
+    let c = count.to_string();
+    let out = lab.exec(netns, &["ping", "-c", &c, "-i", "0.2", "-W", "2", "-I", ifname, dst], Duration::from_secs(30))?;
+    Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).to_string()))
+}

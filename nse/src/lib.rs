@@ -1,0 +1,227 @@
+//! Endpoint library and the icmp-responder sample endpoint.
+//!
+//! An endpoint is the last hop of a connection: it allocates addresses
+//! (point-to-point IPAM from `NSM_CIDR_PREFIX`), tells the forwarder which
+//! network namespace its end of the wire goes into, and answers. The kernel
+//! answers the pings once the forwarder has put the interface in place.
+//!
+//! # Layout
+//! - [`Config`]: flags / upstream `NSM_*` environment variables of
+//!   `cmd-nse-icmp-responder`.
+//! - [`KernelEndpoint`]: the KERNEL mechanism handler of an endpoint.
+//! - [`chain`], [`run`]: the endpoint chain and the daemon.
+//!
+//! # The Request chain
+//! `updatepath` → `begin` → `metadata` → `updatetoken` → `timeout` →
+//! `monitor` → `trimpath` → `point2pointipam` → `mechanisms{KERNEL}`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use clap::Parser;
+use ipnetwork::IpNetwork;
+use nsm_api::connection::monitor_connection_server::MonitorConnectionServer;
+use nsm_api::connection::{Connection, Mechanism};
+use nsm_api::mechanisms::{kernel, payload};
+use nsm_api::networkservice::NetworkServiceRequest;
+use nsm_api::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceLabels};
+use nsm_api::service_names;
+use nsm_sdk::ipam::point2point::Point2PointIpam;
+use nsm_sdk::networkservice::begin::Begin;
+use nsm_sdk::networkservice::chain::conn_mut;
+use nsm_sdk::networkservice::mechanisms::Mechanisms;
+use nsm_sdk::networkservice::metadata::Metadata;
+use nsm_sdk::networkservice::monitor::MonitorServer;
+use nsm_sdk::networkservice::server::ChainServer;
+use nsm_sdk::networkservice::timeout::Timeout;
+use nsm_sdk::networkservice::trimpath::TrimPath;
+use nsm_sdk::networkservice::updatepath::UpdatePath;
+use nsm_sdk::networkservice::updatetoken::UpdateToken;
+use nsm_sdk::networkservice::{Chain, Context, Element, Next};
+use nsm_sdk::registry::client::register_nse_with_refresh;
+use nsm_sdk::registry::{NsRegistry, RemoteRegistry};
+use nsm_sdk::tools::daemon::{self, CommonArgs, parse_duration};
+use nsm_sdk::tools::grpc::{ChannelPool, Listeners, parse_url};
+use nsm_sdk::tools::labels::parse_labels;
+use nsm_sdk::tools::netns;
+use nsm_sdk::tools::token::ExpiryOnly;
+use tonic::Status;
+use url::Url;
+
+/// Configuration of the icmp-responder (upstream env names and defaults).
+#[derive(Parser, Debug, Clone)]
+#[command(name = "nse-icmp-responder", version, about = "NSM endpoint that answers pings over the wire it gets")]
+pub struct Config {
+    /// Endpoint name (registry entry, path segment).
+    #[arg(long, env = "NSM_NAME", default_value = "icmp-server")]
+    pub name: String,
+    /// The local nsmgr.
+    #[arg(long, env = "NSM_CONNECT_TO", default_value = "unix:///var/lib/networkservicemesh/nsm.io.sock", value_parser = parse_url)]
+    pub connect_to: Url,
+    /// Unix socket this endpoint serves on; it must be reachable by the
+    /// node's forwarder (in Kubernetes: under the hostPath
+    /// /var/lib/networkservicemesh). Default:
+    /// unix:///var/lib/networkservicemesh/nse-<NSM_NAME>.sock
+    #[arg(long, env = "NSM_LISTEN_ON", value_parser = parse_url)]
+    pub listen_on: Option<Url>,
+    /// Network services this endpoint provides (comma-separated).
+    #[arg(long, env = "NSM_SERVICE_NAMES", default_value = "icmp-responder", value_delimiter = ',')]
+    pub service_names: Vec<String>,
+    /// Labels of this endpoint (`key:value,...`), matched by services'
+    /// destination selectors.
+    #[arg(long, env = "NSM_LABELS", default_value = "", value_parser = parse_labels)]
+    pub labels: HashMap<String, String>,
+    /// Address pools for point-to-point IPAM (comma-separated CIDRs).
+    #[arg(long, env = "NSM_CIDR_PREFIX", default_value = "169.254.0.0/16", value_delimiter = ',')]
+    pub cidr_prefix: Vec<IpNetwork>,
+    /// Payload of the services this endpoint registers: ETHERNET or IP.
+    #[arg(long, env = "NSM_PAYLOAD", default_value = "ETHERNET", value_parser = [payload::ETHERNET, payload::IP])]
+    pub payload: String,
+    /// Also register the network services (not only the endpoint).
+    #[arg(long, env = "NSM_REGISTER_SERVICE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub register_service: bool,
+    /// Lifetime of the tokens this endpoint mints.
+    #[arg(long, env = "NSM_MAX_TOKEN_LIFETIME", default_value = "10m", value_parser = parse_duration)]
+    pub max_token_lifetime: Duration,
+    /// Timeout for dialing the nsmgr.
+    #[arg(long, env = "NSM_DIAL_TIMEOUT", default_value = "750ms", value_parser = parse_duration)]
+    pub dial_timeout: Duration,
+    /// Registration refresh period when the registry sets no expiration.
+    #[arg(long, env = "NSM_REGISTRY_REFRESH", default_value = "40s", value_parser = parse_duration)]
+    pub registry_refresh: Duration,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+impl Config {
+    /// The listen URL, defaulted from the name.
+    pub fn listen_url(&self) -> Url {
+        self.listen_on.clone().unwrap_or_else(|| {
+            let n: String = self.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+            Url::parse(&format!("unix:///var/lib/networkservicemesh/nse-{n}.sock")).expect("static URL shape is valid")
+        })
+    }
+}
+
+/// KERNEL mechanism handler of an endpoint: answers with this process's
+/// network namespace (`netnsInode` and a `/proc/<pid>/ns/net` URL) so the
+/// forwarder can put the endpoint's end of the wire here, and keeps the
+/// interface name the forwarder proposed.
+pub struct KernelEndpoint;
+
+#[async_trait]
+impl Element for KernelEndpoint {
+    fn name(&self) -> &'static str {
+        "kernel-endpoint"
+    }
+
+    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+        let (url, inode) = netns::own_netns_params()
+            .map_err(|e| Status::internal(format!("endpoint cannot name its own network namespace: {e}")))?;
+        let conn = conn_mut(&mut req);
+        let m = conn.mechanism.get_or_insert_with(Mechanism::default);
+        m.parameters.insert(kernel::INODE_URL.to_string(), url);
+        m.parameters.insert(kernel::NETNS_INODE.to_string(), inode);
+        if m.parameters.get(kernel::NAME).is_none_or(|n| n.is_empty()) {
+            return Err(Status::invalid_argument("KERNEL mechanism without an interface name"));
+        }
+        next.request(ctx, req).await
+    }
+
+    async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
+        next.close(ctx, conn).await
+    }
+}
+
+/// State handles of a running endpoint (tests, diagnostics).
+#[derive(Clone)]
+pub struct Handles {
+    pub monitor: MonitorServer,
+    pub begin: Arc<Begin>,
+    pub ipam: Arc<Point2PointIpam>,
+}
+
+/// Builds the endpoint chain.
+pub fn chain(cfg: &Config) -> anyhow::Result<(Chain, Handles)> {
+    let tokens = ExpiryOnly::new(cfg.max_token_lifetime);
+    let monitor = MonitorServer::new();
+    let begin = Begin::new();
+    let ipam = Point2PointIpam::new(&cfg.cidr_prefix)?;
+    let elems: Vec<Arc<dyn Element>> = vec![
+        UpdatePath::new(&cfg.name),
+        begin.clone(),
+        Metadata::new(),
+        UpdateToken::new(tokens),
+        Timeout::new(cfg.max_token_lifetime),
+        monitor.element(),
+        TrimPath::server(),
+        ipam.clone(),
+        Mechanisms::new(vec![(kernel::MECHANISM, Arc::new(KernelEndpoint) as Arc<dyn Element>)]),
+    ];
+    Ok((Chain::new(elems), Handles { monitor, begin, ipam }))
+}
+
+/// Serves the endpoint on `listeners` and keeps it registered through the
+/// nsmgr until `shutdown`; then unregisters.
+pub async fn run(
+    cfg: Config,
+    listeners: Listeners,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (chain, h) = chain(&cfg)?;
+    let url = listeners.urls().first().cloned().ok_or_else(|| anyhow::anyhow!("nothing to listen on"))?;
+    let health = daemon::health_service(&[service_names::NETWORK_SERVICE, service_names::MONITOR_CONNECTION]).await;
+    let router = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(ChainServer::new(chain).into_service())
+        .add_service(MonitorConnectionServer::new(h.monitor.clone()));
+    let server = tokio::spawn(daemon::serve(router, listeners, shutdown, Duration::from_secs(5)));
+
+    let registry = RemoteRegistry::new(cfg.connect_to.clone(), ChannelPool::new(cfg.dial_timeout));
+    let ctx = Context::with_timeout(Duration::from_secs(15));
+    if cfg.register_service {
+        for s in &cfg.service_names {
+            let ns = NetworkService { name: s.clone(), payload: cfg.payload.clone(), ..Default::default() };
+            NsRegistry::register(&registry, &ctx, ns)
+                .await
+                .map_err(|e| anyhow::anyhow!("registering network service {s:?}: {}", e.message()))?;
+        }
+    }
+    let me = NetworkServiceEndpoint {
+        name: cfg.name.clone(),
+        network_service_names: cfg.service_names.clone(),
+        network_service_labels: cfg
+            .service_names
+            .iter()
+            .map(|s| (s.clone(), NetworkServiceLabels { labels: cfg.labels.clone() }))
+            .collect(),
+        url: url.to_string(),
+        ..Default::default()
+    };
+    let (_, guard) = register_nse_with_refresh(Arc::new(registry), me, cfg.registry_refresh)
+        .await
+        .map_err(|e| anyhow::anyhow!("registering endpoint {:?}: {}", cfg.name, e.message()))?;
+    tracing::info!(
+        name = %cfg.name,
+        services = ?cfg.service_names,
+        cidr = ?cfg.cidr_prefix.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        listen_on = %url,
+        "endpoint registered and serving"
+    );
+    let res = server.await;
+    guard.stop().await;
+    res??;
+    Ok(())
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        super::Config::command().debug_assert();
+    }
+}

@@ -1,0 +1,270 @@
+//! The Network Service Manager: one per node. It serves the NetworkService,
+//! MonitorConnection and both registry APIs to the pods of its node (unix
+//! socket) and to other nodes (TCP), picks the forwarder that builds each
+//! connection's wire, and relays endpoint registrations to the registry.
+//!
+//! # Layout
+//! - [`Config`]: flags / upstream `NSM_*` environment variables.
+//! - [`run`]: builds the chains and serves until shutdown.
+//! - [`registry`]: the endpoint-registry relay (clientinfo, expire,
+//!   localbypass).
+//! - [`discoverforwarder`], [`netnsowner`]: nsmgr-specific chain elements.
+//!
+//! # The Request chain
+//! `updatepath` → `begin` → `metadata` → `updatetoken` → `netnsowner` →
+//! `timeout` → `monitor` → `trimpath` → `clientinfo` → `discoverforwarder` →
+//! `connect` ⇒ client chain `updatepath` (same name: same path segment) →
+//! `trimpath` client → gRPC call to the forwarder.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use nsm_api::connection::monitor_connection_server::MonitorConnectionServer;
+use nsm_api::service_names;
+use nsm_sdk::networkservice::begin::Begin;
+use nsm_sdk::networkservice::clientinfo::{ClientInfo, info_labels};
+use nsm_sdk::networkservice::connect::{Connect, GrpcClient};
+use nsm_sdk::networkservice::metadata::Metadata;
+use nsm_sdk::networkservice::monitor::MonitorServer;
+use nsm_sdk::networkservice::server::ChainServer;
+use nsm_sdk::networkservice::timeout::Timeout;
+use nsm_sdk::networkservice::trimpath::TrimPath;
+use nsm_sdk::networkservice::updatepath::UpdatePath;
+use nsm_sdk::networkservice::updatetoken::UpdateToken;
+use nsm_sdk::networkservice::{Chain, Element};
+use nsm_sdk::registry::memory::MemoryRegistry;
+use nsm_sdk::registry::{NsRegistry, NsRegistryServer, NseRegistry, NseRegistryServer, RemoteRegistry};
+use nsm_sdk::tools::daemon::{self, CommonArgs, parse_duration};
+use nsm_sdk::tools::grpc::{ChannelPool, Listeners, UrlList, parse_url, parse_url_list};
+use nsm_sdk::tools::token::ExpiryOnly;
+use url::Url;
+
+pub mod discoverforwarder;
+pub mod netnsowner;
+pub mod registry;
+
+/// Configuration: flags, or the environment variables upstream's
+/// `cmd-nsmgr` reads (same names and defaults).
+#[derive(Parser, Debug, Clone)]
+#[command(name = "nsmgr", version, about = "NSM per-node Network Service Manager")]
+pub struct Config {
+    /// Name of this nsmgr in connection paths and logs.
+    #[arg(long, env = "NSM_NAME", default_value = "nsmgr")]
+    pub name: String,
+    /// Where to serve, comma-separated: the unix socket for pods of this node
+    /// and the TCP address other nodes use. The first TCP URL is the public
+    /// URL written into the registry (an unspecified host is replaced by this
+    /// node's first non-loopback IPv4 address).
+    #[arg(
+        long,
+        env = "NSM_LISTEN_ON",
+        default_value = "unix:///var/lib/networkservicemesh/nsm.io.sock,tcp://:5001",
+        value_parser = parse_url_list
+    )]
+    pub listen_on: UrlList,
+    /// Registry to relay registrations to (`tcp://host:port` or
+    /// `host:port`). Empty: keep an in-memory registry in this nsmgr
+    /// (single-node setups).
+    #[arg(long, env = "NSM_REGISTRY_URL", default_value = "")]
+    pub registry_url: String,
+    /// Timeout for dialing forwarders and the registry.
+    #[arg(long, env = "NSM_DIAL_TIMEOUT", default_value = "750ms", value_parser = parse_duration)]
+    pub dial_timeout: Duration,
+    /// Lifetime of the tokens this nsmgr mints; connections whose client
+    /// stops refreshing are closed when their token expires.
+    #[arg(long, env = "NSM_MAX_TOKEN_LIFETIME", default_value = "10m", value_parser = parse_duration)]
+    pub max_token_lifetime: Duration,
+    /// Network service under which forwarders register.
+    #[arg(long, env = "NSM_FORWARDER_NETWORK_SERVICE_NAME", default_value = "forwarder")]
+    pub forwarder_service: String,
+    /// Endpoint registrations relayed by this nsmgr expire this long after
+    /// their last refresh.
+    #[arg(long, env = "NSM_EXPIRE_PERIOD", default_value = "1m", value_parser = parse_duration)]
+    pub expire_period: Duration,
+    /// Node name, added as label `nodeName` to connections and endpoints.
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node_name: String,
+    /// Pod name (label `podName`).
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pub pod_name: String,
+    /// Cluster name (label `clusterName`).
+    #[arg(long, env = "CLUSTER_NAME", default_value = "")]
+    pub cluster_name: String,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// The URL other components should use to reach this nsmgr.
+pub fn public_url(bound: &[Url]) -> Option<Url> {
+    let tcp = bound.iter().find(|u| u.scheme() == "tcp")?;
+    let host: Option<IpAddr> = tcp.host_str().and_then(|h| h.trim_matches(['[', ']']).parse().ok());
+    match host {
+        Some(ip) if ip.is_unspecified() => {
+            let ip = first_global_ipv4().unwrap_or(IpAddr::from([127, 0, 0, 1]));
+            parse_url(&format!("tcp://{ip}:{}", tcp.port()?)).ok()
+        }
+        _ => Some(tcp.clone()),
+    }
+}
+
+fn first_global_ipv4() -> Option<IpAddr> {
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    for a in addrs {
+        if let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) {
+            let ip = sin.ip();
+            if !ip.is_loopback() && !ip.is_link_local() {
+                return Some(IpAddr::V4(ip));
+            }
+        }
+    }
+    None
+}
+
+/// Handles to the running nsmgr's state, for tests and diagnostics.
+#[derive(Clone)]
+pub struct Handles {
+    pub monitor: MonitorServer,
+    pub begin: Arc<Begin>,
+    pub metadata: Arc<Metadata>,
+    pub relay: Arc<registry::NseRelay>,
+}
+
+/// Builds the nsmgr and serves it on `listeners` until `shutdown`.
+pub async fn run(
+    cfg: Config,
+    listeners: Listeners,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let public = public_url(listeners.urls())
+        .or_else(|| listeners.urls().first().cloned())
+        .ok_or_else(|| anyhow::anyhow!("NSM_LISTEN_ON is empty"))?;
+    let (router, _h) = build(&cfg, &public)?;
+    tracing::info!(
+        name = %cfg.name,
+        listen_on = ?listeners.urls().iter().map(Url::as_str).collect::<Vec<_>>(),
+        public_url = %public,
+        registry = %if cfg.registry_url.is_empty() { "in-memory" } else { &cfg.registry_url },
+        "nsmgr serving"
+    );
+    daemon::serve(router.await, listeners, shutdown, Duration::from_secs(5)).await?;
+    Ok(())
+}
+
+type RouterFut = std::pin::Pin<Box<dyn std::future::Future<Output = tonic::transport::server::Router> + Send>>;
+
+/// Assembles the chains and services.
+pub fn build(cfg: &Config, public: &Url) -> anyhow::Result<(RouterFut, Handles)> {
+    let pool = ChannelPool::new(cfg.dial_timeout);
+    let (ns_reg, nse_store): (Arc<dyn NsRegistry>, Arc<dyn NseRegistry>) = if cfg.registry_url.is_empty() {
+        let m = MemoryRegistry::new();
+        (Arc::new(m.clone()), Arc::new(m))
+    } else {
+        let u = parse_url(&cfg.registry_url)?;
+        let r = RemoteRegistry::new(u, pool.clone());
+        (Arc::new(r.clone()), Arc::new(r))
+    };
+    let labels: BTreeMap<String, String> = info_labels(&cfg.node_name, &cfg.pod_name, &cfg.cluster_name);
+    let relay = registry::NseRelay::new(nse_store, public.as_str(), labels, cfg.expire_period);
+
+    let tokens = ExpiryOnly::new(cfg.max_token_lifetime);
+    let monitor = MonitorServer::new();
+    let begin = Begin::new();
+    let metadata = Metadata::new();
+    let client = Chain::new(vec![
+        // Same name as the server side: the nsmgr keeps one path segment.
+        UpdatePath::new(&cfg.name),
+        // Marks us as a passthrough so the downstream path is kept.
+        TrimPath::client(),
+        // Calls the forwarder chosen by discoverforwarder.
+        GrpcClient::new(pool.clone(), tokens.clone()),
+    ]);
+    let chain: Vec<Arc<dyn Element>> = vec![
+        // Our path segment and connection id.
+        UpdatePath::new(&cfg.name),
+        // One event at a time per connection; refresh = repeat.
+        begin.clone(),
+        // Per-connection storage for the elements below.
+        metadata.clone(),
+        // Record the caller's token expiry, mint ours.
+        UpdateToken::new(tokens.clone()),
+        // A client may only ask for interfaces in its own netns.
+        netnsowner::NetnsOwner::new(),
+        // Close connections whose client stopped refreshing.
+        Timeout::new(cfg.max_token_lifetime),
+        // Feed MonitorConnections.
+        monitor.element(),
+        // Keep the downstream path (we are a passthrough).
+        TrimPath::server(),
+        // nodeName/podName/clusterName labels for `matches`.
+        ClientInfo::new(&cfg.node_name, &cfg.pod_name, &cfg.cluster_name),
+        // Check the service exists; pick a forwarder of this node.
+        discoverforwarder::DiscoverForwarder::new(ns_reg.clone(), relay.clone(), &cfg.forwarder_service, public.as_str()),
+        // Hand over to the forwarder.
+        Connect::new(client),
+    ];
+    let handles = Handles { monitor: monitor.clone(), begin, metadata, relay: relay.clone() };
+    let ns_server = NsRegistryServer(ns_reg);
+    let nse_server = NseRegistryServer(relay);
+    let chain = Chain::new(chain);
+    tracing::debug!(chain = ?chain, "nsmgr chain");
+    let fut = async move {
+        let health = daemon::health_service(&[
+            service_names::NETWORK_SERVICE,
+            service_names::MONITOR_CONNECTION,
+            service_names::NETWORK_SERVICE_REGISTRY,
+            service_names::NETWORK_SERVICE_ENDPOINT_REGISTRY,
+        ])
+        .await;
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(ChainServer::new(chain).into_service())
+            .add_service(MonitorConnectionServer::new(monitor))
+            .add_service(ns_server.into_service())
+            .add_service(nse_server.into_service())
+    };
+    Ok((Box::pin(fut), handles))
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        super::Config::command().debug_assert();
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn upstream_defaults() {
+        let c = Config::try_parse_from(["nsmgr"]).unwrap();
+        assert_eq!(c.listen_on.0[0].as_str(), "unix:///var/lib/networkservicemesh/nsm.io.sock");
+        assert_eq!(c.listen_on.0[1].as_str(), "tcp://0.0.0.0:5001");
+        assert_eq!(c.dial_timeout, Duration::from_millis(750));
+        assert_eq!(c.max_token_lifetime, Duration::from_secs(600));
+        assert_eq!(c.forwarder_service, "forwarder");
+        assert!(c.common.insecure);
+        let e = Config::try_parse_from(["nsmgr", "--listen-on", "http://x"]).unwrap_err().to_string();
+        assert!(e.contains("http://x"), "{e}");
+    }
+
+    #[test]
+    fn public_url_replaces_unspecified_host() {
+        let bound = vec![parse_url("unix:///a.sock").unwrap(), parse_url("tcp://0.0.0.0:5001").unwrap()];
+        let u = public_url(&bound).unwrap();
+        assert_eq!(u.port(), Some(5001));
+        assert_ne!(u.host_str(), Some("0.0.0.0"));
+        let bound = vec![parse_url("tcp://10.1.2.3:5001").unwrap()];
+        assert_eq!(public_url(&bound).unwrap().as_str(), "tcp://10.1.2.3:5001");
+        assert!(public_url(&[parse_url("unix:///a.sock").unwrap()]).is_none());
+    }
+}

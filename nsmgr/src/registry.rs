@@ -1,0 +1,127 @@
+//! The nsmgr's endpoint-registry relay: what happens to a registration on
+//! its way from a local endpoint (or forwarder) to the registry, and to Find
+//! results on their way back.
+//!
+//! - `clientinfo`: every service label map gets `nodeName`/`podName`/
+//!   `clusterName` of this nsmgr (never overwriting the endpoint's own).
+//! - `expire`: the registration lives at most `period` without a refresh.
+//! - `localbypass`: the endpoint's own URL (a unix socket on this node) is
+//!   remembered and the registry stores this nsmgr's public URL instead, so
+//!   other nodes reach the endpoint through this nsmgr. Find results for
+//!   endpoints registered here get their real URL back; results that point
+//!   at this nsmgr but are unknown here (left over from before a restart) are
+//!   dropped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use nsm_api::registry::{NetworkServiceEndpoint, NetworkServiceEndpointQuery, NetworkServiceLabels};
+use nsm_sdk::networkservice::Context;
+use nsm_sdk::registry::expire::capped;
+use nsm_sdk::registry::{NseRegistry, NseStream};
+use nsm_sdk::tools::grpc::parse_url;
+use tonic::Status;
+
+/// The relay in front of the real endpoint registry.
+pub struct NseRelay {
+    inner: Arc<dyn NseRegistry>,
+    public_url: String,
+    labels: BTreeMap<String, String>,
+    period: Duration,
+    /// localbypass: endpoint name → the URL it registered with.
+    local: Arc<Mutex<HashMap<String, String>>>,
+}
+
+impl NseRelay {
+    /// A relay forwarding to `inner`, rewriting URLs to `public_url`.
+    pub fn new(
+        inner: Arc<dyn NseRegistry>,
+        public_url: &str,
+        labels: BTreeMap<String, String>,
+        period: Duration,
+    ) -> Arc<NseRelay> {
+        Arc::new(NseRelay { inner, public_url: public_url.to_string(), labels, period, local: Arc::default() })
+    }
+
+    /// Number of endpoints registered through this nsmgr (for leak checks).
+    pub fn local_len(&self) -> usize {
+        self.local.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    fn local_url(&self, name: &str) -> Option<String> {
+        self.local.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+    }
+}
+
+#[async_trait]
+impl NseRegistry for NseRelay {
+    async fn register(&self, ctx: &Context, mut nse: NetworkServiceEndpoint) -> Result<NetworkServiceEndpoint, Status> {
+        parse_url(&nse.url).map_err(|e| {
+            Status::invalid_argument(format!("endpoint {:?} registers with an unusable URL: {e}", nse.name))
+        })?;
+        if nse.network_service_names.is_empty() {
+            return Err(Status::invalid_argument(format!("endpoint {:?} registers no network service", nse.name)));
+        }
+        if nse.name.is_empty() {
+            nse.name = format!("nse-{}", uuid::Uuid::new_v4());
+        }
+        for svc in nse.network_service_names.clone() {
+            let l = nse.network_service_labels.entry(svc).or_insert_with(NetworkServiceLabels::default);
+            for (k, v) in &self.labels {
+                l.labels.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        nse.expiration_time = Some(capped(nse.expiration_time.as_ref(), self.period));
+        let real = std::mem::replace(&mut nse.url, self.public_url.clone());
+        let name = nse.name.clone();
+        self.local.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), real.clone());
+        match self.inner.register(ctx, nse).await {
+            Ok(mut stored) => {
+                stored.url = real;
+                Ok(stored)
+            }
+            Err(e) => {
+                self.local.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+                Err(e)
+            }
+        }
+    }
+
+    async fn find(&self, ctx: &Context, q: NetworkServiceEndpointQuery) -> Result<NseStream, Status> {
+        let s = self.inner.find(ctx, q).await?;
+        // The map is shared (not copied) so a watch sees later registrations.
+        let local = self.local.clone();
+        let public = self.public_url.clone();
+        Ok(Box::pin(s.filter_map(move |r| {
+            let local = local.clone();
+            let public = public.clone();
+            async move {
+                let mut r = match r {
+                    Ok(r) => r,
+                    Err(e) => return Some(Err(e)),
+                };
+                let Some(nse) = r.network_service_endpoint.as_mut() else { return Some(Ok(r)) };
+                let real = local.lock().unwrap_or_else(|e| e.into_inner()).get(&nse.name).cloned();
+                if let Some(real) = real {
+                    nse.url = real;
+                } else if !r.deleted && nse.url == public {
+                    tracing::debug!(nse = %nse.name, "dropping a registry entry that points here but is unknown (stale)");
+                    return None;
+                }
+                Some(Ok(r))
+            }
+        })))
+    }
+
+    async fn unregister(&self, ctx: &Context, mut nse: NetworkServiceEndpoint) -> Result<(), Status> {
+        if self.local_url(&nse.name).is_some() {
+            nse.url = self.public_url.clone();
+        }
+        let res = self.inner.unregister(ctx, nse.clone()).await;
+        self.local.lock().unwrap_or_else(|e| e.into_inner()).remove(&nse.name);
+        res
+    }
+}

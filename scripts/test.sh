@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (as root): unit tests, wire-contract
+# tests, and the namespace integration tests that start the real binaries in
+# network namespaces. Fails if any test leaves a namespace behind.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then echo "test: run as root (namespace tests create netns and interfaces)" >&2; exit 1; fi
+scripts/setup.sh
+before=$(ip netns list 2>/dev/null | awk '{print $1}' | sort)
+# The integration tests run the workspace binaries, so build them first.
+cargo build --workspace --bins
+cargo nextest run --workspace --no-fail-fast
+cargo test --workspace --doc --quiet
+after=$(ip netns list 2>/dev/null | awk '{print $1}' | sort)
+leaked=$(comm -13 <(echo "$before") <(echo "$after") | grep -v '^$' || true)
+if [ -n "$leaked" ]; then
+  echo "test: namespaces left behind by the tests: $leaked" >&2
+  exit 1
+fi
+echo "test: all passed, no namespaces left behind"
