@@ -149,13 +149,17 @@ pub async fn run(
         ..Default::default()
     };
     // Keep trying: the nsmgr may start after us.
+    let mut attempts = 0u32;
     let guard = loop {
         match register_nse_with_refresh(Arc::new(registry.clone()), me.clone(), cfg.registry_refresh).await {
             Ok((_, g)) => break g,
             Err(e) if server.is_finished() => return Err(anyhow::anyhow!("server stopped before registering: {}", e.message())),
             Err(e) => {
-                tracing::warn!(nsmgr = %cfg.connect_to, error = %e.message(), "cannot register with the nsmgr yet; retrying in 1s");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                if attempts % 50 == 0 {
+                    tracing::warn!(nsmgr = %cfg.connect_to, error = %e.message(), "cannot register with the nsmgr yet; retrying");
+                }
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     };

@@ -38,7 +38,7 @@ pub async fn run(lab: &mut Lab, opts: &DemoOpts) -> anyhow::Result<()> {
     let node = mesh::start_node(lab, "node1", &node_opts).await?;
     println!("up ({} ms)", t0.elapsed().as_millis());
 
-    step(2, total, &format!("endpoint pod {p}-nse1: icmp-responder serving from {}", opts.cidr));
+    step(2, total, &format!("endpoint pod {p}-icmp-responder-1: serving icmp-responder from {}", opts.cidr));
     let t0 = Instant::now();
     let nse = mesh::start_nse(lab, &node, "icmp-responder-1", "icmp-responder", &opts.cidr, &[]).await?;
     println!("registered ({} ms)", t0.elapsed().as_millis());

@@ -50,6 +50,7 @@ pub struct Lab {
     netns: Vec<String>,
     procs: Vec<Proc>,
     keep: bool,
+    detach: bool,
     torn_down: bool,
 }
 
@@ -97,7 +98,16 @@ impl Lab {
         down(prefix)?;
         let dir = Path::new(STATE_ROOT).join(prefix);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let lab = Lab { prefix: prefix.to_string(), dir, bin_dir, netns: vec![], procs: vec![], keep: false, torn_down: false };
+        let lab = Lab {
+            prefix: prefix.to_string(),
+            dir,
+            bin_dir,
+            netns: vec![],
+            procs: vec![],
+            keep: false,
+            detach: false,
+            torn_down: false,
+        };
         lab.save()?;
         Ok(lab)
     }
@@ -112,9 +122,18 @@ impl Lab {
         &self.prefix
     }
 
-    /// Keep everything running when this value is dropped (`nsm-lab up`).
+    /// Keep everything running when this value is dropped (`nsm-lab run
+    /// --keep`).
     pub fn keep(&mut self) {
         self.keep = true;
+    }
+
+    /// Start daemons detached (own session, no parent-death signal) so they
+    /// outlive the lab process; call before spawning anything that should
+    /// stay up. Until [`Lab::keep`] is called, dropping the lab still stops
+    /// them through their recorded pids.
+    pub fn detach_daemons(&mut self) {
+        self.detach = true;
     }
 
     fn save(&self) -> anyhow::Result<()> {
@@ -160,9 +179,19 @@ impl Lab {
         let log = self.dir.join(format!("{name}.log"));
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
-        let mut cmd = Command::new("setpriv");
-        cmd.args(["--pdeathsig", "KILL", "ip", "netns", "exec", netns])
-            .arg(self.bin(bin))
+        // `ip netns exec` execs the binary (no fork), so the pid we record
+        // is the daemon's. Attached daemons die with the lab (pdeathsig);
+        // detached ones get their own session and outlive it.
+        let mut cmd = if self.detach {
+            let mut c = Command::new("setsid");
+            c.args(["ip", "netns", "exec", netns]);
+            c
+        } else {
+            let mut c = Command::new("setpriv");
+            c.args(["--pdeathsig", "KILL", "ip", "netns", "exec", netns]);
+            c
+        };
+        cmd.arg(self.bin(bin))
             .args(args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -198,8 +227,12 @@ impl Lab {
     pub fn stop(&mut self, name: &str, grace: Duration) -> anyhow::Result<()> {
         let i = self.procs.iter().position(|p| p.name == name).with_context(|| format!("no daemon {name}"))?;
         let mut p = self.procs.remove(i);
-        stop_child(&mut p.child, grace);
-        self.save()
+        let clean = stop_child(&mut p.child, grace);
+        self.save()?;
+        if !clean {
+            bail!("{name} did not stop within {grace:?} of SIGTERM and was killed");
+        }
+        Ok(())
     }
 
     /// True if daemon `name` is still running.
@@ -255,6 +288,32 @@ impl Lab {
         output_with_timeout(cmd, timeout)
     }
 
+    /// [`Lab::teardown`] for async callers: waits without blocking the
+    /// runtime, so the lab's own gRPC connections can answer the daemons'
+    /// graceful-shutdown handshake (a blocked client makes an HTTP/2 server
+    /// wait for its ping acknowledgement).
+    pub async fn shutdown(&mut self) {
+        while let Some(mut p) = self.procs.pop() {
+            let pid = Pid::from_raw(p.child.id() as i32);
+            let _ = kill(pid, Signal::SIGTERM);
+            let t0 = Instant::now();
+            let mut clean = false;
+            while t0.elapsed() < Duration::from_secs(3) {
+                if let Ok(Some(_)) = p.child.try_wait() {
+                    clean = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if !clean {
+                let _ = kill(pid, Signal::SIGKILL);
+                let _ = p.child.wait();
+                eprintln!("nsm-lab: {} did not stop within 3 s of SIGTERM and was killed", p.name);
+            }
+        }
+        self.teardown();
+    }
+
     /// Stops every daemon (reverse order) and deletes every namespace.
     pub fn teardown(&mut self) {
         if self.torn_down {
@@ -262,7 +321,9 @@ impl Lab {
         }
         self.torn_down = true;
         while let Some(mut p) = self.procs.pop() {
-            stop_child(&mut p.child, Duration::from_secs(3));
+            if !stop_child(&mut p.child, Duration::from_secs(3)) {
+                eprintln!("nsm-lab: {} did not stop within 3 s of SIGTERM and was killed", p.name);
+            }
         }
         for ns in self.netns.drain(..).rev() {
             let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
@@ -279,18 +340,23 @@ impl Drop for Lab {
     }
 }
 
-fn stop_child(child: &mut Child, grace: Duration) {
+/// SIGTERM, then SIGKILL after `grace`; true if it stopped by itself.
+fn stop_child(child: &mut Child, grace: Duration) -> bool {
+    if let Ok(Some(_)) = child.try_wait() {
+        return true;
+    }
     let pid = Pid::from_raw(child.id() as i32);
     let _ = kill(pid, Signal::SIGTERM);
     let t0 = Instant::now();
     while t0.elapsed() < grace {
         if let Ok(Some(_)) = child.try_wait() {
-            return;
+            return true;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
     }
     let _ = kill(pid, Signal::SIGKILL);
     let _ = child.wait();
+    false
 }
 
 fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {

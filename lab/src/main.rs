@@ -83,6 +83,9 @@ async fn run(prefix: &str, opts: DemoOpts) -> i32 {
             return 1;
         }
     };
+    if opts.keep {
+        lab.detach_daemons();
+    }
     println!("nsm-lab: namespaces {prefix}-*, state and logs in {}", lab.dir().display());
     let t0 = std::time::Instant::now();
     let res = tokio::select! {
@@ -102,7 +105,9 @@ async fn run(prefix: &str, opts: DemoOpts) -> i32 {
         return 0;
     }
     print!("tearing down ... ");
-    lab.teardown();
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let td = std::time::Instant::now();
+    lab.shutdown().await;
     let left: Vec<String> = std::fs::read_dir("/run/netns")
         .map(|rd| {
             rd.flatten()
@@ -112,7 +117,11 @@ async fn run(prefix: &str, opts: DemoOpts) -> i32 {
         })
         .unwrap_or_default();
     if left.is_empty() {
-        println!("done, no namespaces or processes left ({:.1} s in all)", t0.elapsed().as_secs_f64());
+        println!(
+            "done in {} ms, no namespaces or processes left ({:.1} s in all)",
+            td.elapsed().as_millis(),
+            t0.elapsed().as_secs_f64()
+        );
     } else {
         println!("namespaces left behind: {left:?} (run nsm-lab down)");
         return 1;
