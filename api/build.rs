@@ -6,18 +6,8 @@
 //! every proto directory on the include path and naming files relative to it.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let includes = [
-        "proto/networkservice",
-        "proto/registry",
-        "proto/ipam",
-    ];
-    let files = [
-        "connectioncontext.proto",
-        "connection.proto",
-        "networkservice.proto",
-        "registry.proto",
-        "ipam.proto",
-    ];
+    let includes = ["proto/networkservice", "proto/registry", "proto/ipam"];
+    let files = ["connectioncontext.proto", "connection.proto", "networkservice.proto", "registry.proto", "ipam.proto"];
     for dir in includes {
         println!("cargo:rerun-if-changed={dir}");
     }
@@ -25,13 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Keep the descriptor set: the wire-compatibility tests read field names and
     // numbers from it.
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(
-        out.join("nsm_descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
-    )?;
-    tonic_prost_build::configure()
-        .build_server(true)
-        .build_client(true)
-        .compile_fds(fds)?;
+    std::fs::write(out.join("nsm_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
+    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)?;
     Ok(())
 }

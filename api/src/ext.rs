@@ -157,10 +157,7 @@ impl Connection {
 
     /// The IP context, creating empty parents as needed.
     pub fn ip_context_mut(&mut self) -> &mut IpContext {
-        self.context
-            .get_or_insert_with(Default::default)
-            .ip_context
-            .get_or_insert_with(Default::default)
+        self.context.get_or_insert_with(Default::default).ip_context.get_or_insert_with(Default::default)
     }
 
     /// True when this connection is in the scope of `sel` (upstream
@@ -217,7 +214,10 @@ mod tests {
     #[test]
     fn p2p_link_routes() {
         let c = ctx(&["172.16.1.3/32"], &["172.16.1.2/32"]);
-        assert_eq!(c.src_ip_routes(), vec![ResolvedRoute { prefix: Cidr::parse("172.16.1.3/32").unwrap(), next_hop: None }]);
+        assert_eq!(
+            c.src_ip_routes(),
+            vec![ResolvedRoute { prefix: Cidr::parse("172.16.1.3/32").unwrap(), next_hop: None }]
+        );
         assert_eq!(c.dst_ip_routes()[0].prefix.to_string(), "172.16.1.2/32");
         // A shared subnet needs no extra link route.
         let c = ctx(&["10.0.0.2/24"], &["10.0.0.1/24"]);

@@ -2,6 +2,7 @@
 //! and every field name/number, as published for networkservicemesh/api v1
 //! (nsm-spec.md section 1). A change to any `.proto` that would break Go NSM
 //! interop fails here.
+#![allow(clippy::unwrap_used)]
 
 use prost::Message;
 use prost_types::FileDescriptorSet;

@@ -153,9 +153,11 @@ pub async fn run(
     let guard = loop {
         match register_nse_with_refresh(Arc::new(registry.clone()), me.clone(), cfg.registry_refresh).await {
             Ok((_, g)) => break g,
-            Err(e) if server.is_finished() => return Err(anyhow::anyhow!("server stopped before registering: {}", e.message())),
+            Err(e) if server.is_finished() => {
+                return Err(anyhow::anyhow!("server stopped before registering: {}", e.message()));
+            }
             Err(e) => {
-                if attempts % 50 == 0 {
+                if attempts.is_multiple_of(50) {
                     tracing::warn!(nsmgr = %cfg.connect_to, error = %e.message(), "cannot register with the nsmgr yet; retrying");
                 }
                 attempts += 1;

@@ -79,11 +79,8 @@ fn netns_error(who: &str, e: netns::NetnsError) -> Status {
 /// A random interface name `<prefix[:10]>-<4 random>`, as upstream
 /// generates them (15 bytes at most).
 pub fn generate_ifname(prefix: &str) -> String {
-    let clean: String = prefix
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-        .take(10)
-        .collect();
+    let clean: String =
+        prefix.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').take(10).collect();
     let clean = if clean.is_empty() { "nsm".to_string() } else { clean };
     const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
     let mut rng = rand::rng();
@@ -142,24 +139,27 @@ impl Element for LocalKernel {
         "localkernel"
     }
 
-    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
-        let meta = ctx.meta.clone().ok_or_else(|| Status::internal("chain misconfigured: localkernel needs metadata"))?;
+    async fn request(
+        &self,
+        ctx: &mut Context,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection, Status> {
+        let meta =
+            ctx.meta.clone().ok_or_else(|| Status::internal("chain misconfigured: localkernel needs metadata"))?;
         let prev: Option<Wire> = meta.server_get::<Wire>();
         let conn = conn_mut(&mut req);
         let incoming = match conn.mechanism.clone() {
             Some(m) => m,
-            None => req
-                .mechanism_preferences
-                .iter()
-                .find(|m| m.r#type == kernel::MECHANISM)
-                .cloned()
-                .ok_or_else(|| {
+            None => {
+                req.mechanism_preferences.iter().find(|m| m.r#type == kernel::MECHANISM).cloned().ok_or_else(|| {
                     let offered: Vec<_> = req.mechanism_preferences.iter().map(|m| m.r#type.as_str()).collect();
                     Status::invalid_argument(format!(
                         "this forwarder connects local clients by KERNEL only; the request offers [{}]",
                         offered.join(", ")
                     ))
-                })?,
+                })?
+            }
         };
         if incoming.r#type != kernel::MECHANISM {
             return Err(Status::invalid_argument(format!(
@@ -171,7 +171,9 @@ impl Element for LocalKernel {
         let mut incoming = incoming;
         let client_if = match incoming.parameters.get(kernel::NAME).filter(|n| !n.is_empty()) {
             Some(n) => n.clone(),
-            None => prev.as_ref().map(|w| w.client_if.clone()).unwrap_or_else(|| generate_ifname(&conn.network_service)),
+            None => {
+                prev.as_ref().map(|w| w.client_if.clone()).unwrap_or_else(|| generate_ifname(&conn.network_service))
+            }
         };
         k::validate_ifname(&client_if).map_err(kernel_error)?;
         incoming.parameters.insert(kernel::NAME.to_string(), client_if.clone());

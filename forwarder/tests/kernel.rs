@@ -1,7 +1,6 @@
 //! Real-kernel tests of the KERNEL mechanism's netlink operations (run as
 //! root). Every test makes its own namespaces ([`TestNetns`]), which are
 //! deleted on drop, also when an assertion fails.
-
 #![allow(clippy::unwrap_used)]
 
 use std::net::IpAddr;

@@ -86,7 +86,11 @@ pub async fn run(lab: &mut Lab, opts: &DemoOpts) -> anyhow::Result<()> {
     println!("  client      {:<16} in {:<18} {}", s.interface, client_ns, s.src_ips.join(", "));
     println!("  endpoint    {:<16} in {:<18} {}", nse_if, nse.netns, s.dst_ips.join(", "));
     println!("  wire        veth pair created in place in both pod namespaces (no forwarder hop on the data path)");
-    println!("  setup time  {:.1} ms (Request through nsmgr, forwarder, endpoint; nsc wall time {} ms)", s.setup_ms, run.took.as_millis());
+    println!(
+        "  setup time  {:.1} ms (Request through nsmgr, forwarder, endpoint; nsc wall time {} ms)",
+        s.setup_ms,
+        run.took.as_millis()
+    );
 
     if opts.keep {
         // A sidecar adopts the init container's connection and keeps it
@@ -108,7 +112,10 @@ pub async fn run(lab: &mut Lab, opts: &DemoOpts) -> anyhow::Result<()> {
         println!("  ip netns exec {client_ns} ping {nse_ip}");
         println!("  ip netns exec {client_ns} ip addr show {}", s.interface);
         println!("  logs: {}/*.log", lab.dir().display());
-        println!("Remove it with: nsm-lab down{}", if p == "nsmlab" { String::new() } else { format!(" --prefix {p}") });
+        println!(
+            "Remove it with: nsm-lab down{}",
+            if p == "nsmlab" { String::new() } else { format!(" --prefix {p}") }
+        );
     }
     Ok(())
 }

@@ -432,9 +432,7 @@ pub fn down(prefix: &str) -> anyhow::Result<DownReport> {
         }
         // Give them a moment to close connections, then make sure.
         let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(3)
-            && pids.keys().any(|p| Path::new(&format!("/proc/{p}")).exists())
-        {
+        while t0.elapsed() < Duration::from_secs(3) && pids.keys().any(|p| Path::new(&format!("/proc/{p}")).exists()) {
             std::thread::sleep(Duration::from_millis(50));
         }
         for pid in pids.keys() {

@@ -256,6 +256,7 @@ pub fn links(lab: &Lab, netns: &str) -> anyhow::Result<Vec<String>> {
 /// Pings `dst` from `netns` out of `ifname`; returns ping's output.
 pub fn ping(lab: &Lab, netns: &str, ifname: &str, dst: &str, count: u32) -> anyhow::Result<(bool, String)> {
     let c = count.to_string();
-    let out = lab.exec(netns, &["ping", "-c", &c, "-i", "0.2", "-W", "2", "-I", ifname, dst], Duration::from_secs(30))?;
+    let out =
+        lab.exec(netns, &["ping", "-c", &c, "-i", "0.2", "-W", "2", "-I", ifname, dst], Duration::from_secs(30))?;
     Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).to_string()))
 }

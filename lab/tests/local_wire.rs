@@ -3,6 +3,7 @@
 //! connect over real veth pairs. Needs root (CI runs as root); each test has
 //! its own lab prefix, so tests run in parallel, and the lab removes every
 //! namespace and process when the test ends, also on failure.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -146,7 +147,9 @@ async fn fifty_concurrent_clients() {
             .iter()
             .map(|pod| {
                 sc.spawn(move || {
-                    let r = lab_ref.exec(pod, &["ip", "-o", "-4", "route", "show", "dev", "nsm-1"], Duration::from_secs(5)).unwrap();
+                    let r = lab_ref
+                        .exec(pod, &["ip", "-o", "-4", "route", "show", "dev", "nsm-1"], Duration::from_secs(5))
+                        .unwrap();
                     let route = String::from_utf8_lossy(&r.stdout).to_string();
                     let dst = route.split_whitespace().next().unwrap_or_default().to_string();
                     let (ok, out) = ping(lab_ref, pod, "nsm-1", &ip_of(&dst), 1).unwrap();
@@ -207,9 +210,13 @@ async fn unhappy_paths_have_clear_errors_and_leave_nothing() {
         }],
         ..Default::default()
     };
-    nsm_sdk::registry::NsRegistry::register(&reg, &nsm_sdk::networkservice::Context::with_timeout(Duration::from_secs(2)), ns)
-        .await
-        .unwrap();
+    nsm_sdk::registry::NsRegistry::register(
+        &reg,
+        &nsm_sdk::networkservice::Context::with_timeout(Duration::from_secs(2)),
+        ns,
+    )
+    .await
+    .unwrap();
     let r = fail(&lab, "kernel://picky/nsm-1", &[]);
     assert!(r.stderr.contains("has no registered endpoints") || r.stderr.contains("matches"), "{}", r.stderr);
 
@@ -235,7 +242,10 @@ async fn unhappy_paths_have_clear_errors_and_leave_nothing() {
     let conns = connections(&node.nsmgr_url).await.unwrap();
     assert_eq!(conns.len(), 1);
     let intruder = lab.add_netns("intruder").unwrap();
-    let stolen = serde_json::to_string(&conns[0].path.as_ref().unwrap().path_segments.iter().map(|s| (&s.name, &s.id)).collect::<Vec<_>>()).unwrap();
+    let stolen = serde_json::to_string(
+        &conns[0].path.as_ref().unwrap().path_segments.iter().map(|s| (&s.name, &s.id)).collect::<Vec<_>>(),
+    )
+    .unwrap();
     let r = lab
         .run_once(
             &intruder,
@@ -263,7 +273,9 @@ async fn unhappy_paths_have_clear_errors_and_leave_nothing() {
     let c2 = lab.add_netns("nsc2").unwrap();
     lab.signal("nse1", Signal::SIGKILL).unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let r = nsc_init(&lab, &node, &c2, "nsc2", "kernel://icmp-responder/nsm-1", &[("NSM_REQUEST_TIMEOUT", "2s".into())]).unwrap();
+    let r =
+        nsc_init(&lab, &node, &c2, "nsc2", "kernel://icmp-responder/nsm-1", &[("NSM_REQUEST_TIMEOUT", "2s".into())])
+            .unwrap();
     assert!(!r.ok);
     assert!(r.stderr.contains("nse1") && r.stderr.contains("Unavailable"), "{}", r.stderr);
     assert!(links(&lab, &c2).unwrap().is_empty());

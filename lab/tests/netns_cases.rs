@@ -1,5 +1,6 @@
 //! How the forwarder finds a client's network namespace, and address
 //! families — with the real binaries in real namespaces (root).
+#![allow(clippy::unwrap_used)]
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -94,7 +95,12 @@ async fn init_container_in_own_pid_namespace_that_exits() {
         // close the connection when this token expires.
         .env("NSM_MAX_TOKEN_LIFETIME", "3s");
     let out = output_with_timeout(c, Duration::from_secs(30)).unwrap();
-    assert!(out.status.success(), "nsc init: {}\n{}", String::from_utf8_lossy(&out.stderr), lab.log_tail(&node.forwarder_name, 20));
+    assert!(
+        out.status.success(),
+        "nsc init: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        lab.log_tail(&node.forwarder_name, 20)
+    );
     let s: NscSummary = serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
     assert_eq!(pod.links(), ["nsm-1"], "interface in the pod's netns");
     let ping = pod.exec(&["ping", "-c", "1", "-W", "2", "-I", "nsm-1", s.dst_ips[0].split('/').next().unwrap()]);
@@ -117,7 +123,8 @@ async fn init_container_in_own_pid_namespace_that_exits() {
 async fn dual_stack_addresses_and_ipv6_without_dad() {
     let mut lab = lab("dual");
     let node = mesh::start_node(&mut lab, "node1", &NodeOpts::default()).await.unwrap();
-    let nse = mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "10.60.0.0/24,fd00:60::/64", &[]).await.unwrap();
+    let nse =
+        mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "10.60.0.0/24,fd00:60::/64", &[]).await.unwrap();
     let client = lab.add_netns("nsc1").unwrap();
     let run = mesh::nsc_init(&lab, &node, &client, "nsc", "kernel://icmp-responder/nsm-1", &[]).unwrap();
     assert!(run.ok, "{}", run.stderr);
@@ -128,7 +135,9 @@ async fn dual_stack_addresses_and_ipv6_without_dad() {
     assert!(v6[0].ends_with("/128"));
     // No DAD: usable at once, no `tentative` flag.
     // (The kernel's own fe80:: link-local address still does DAD; ours not.)
-    let a = lab.exec(&client, &["ip", "-6", "-o", "addr", "show", "dev", "nsm-1", "scope", "global"], Duration::from_secs(5)).unwrap();
+    let a = lab
+        .exec(&client, &["ip", "-6", "-o", "addr", "show", "dev", "nsm-1", "scope", "global"], Duration::from_secs(5))
+        .unwrap();
     let a = String::from_utf8_lossy(&a.stdout);
     assert!(a.contains(s.src_ips.iter().find(|x| x.contains(':')).unwrap().as_str()), "{a}");
     assert!(!a.contains("tentative"), "{a}");

@@ -4,6 +4,7 @@
 //! networkservicemesh/api v1), calls Request, Close and MonitorConnections
 //! on a real nsmgr over its unix socket, from a client pod namespace.
 //! Needs python3 with grpcio-tools (`scripts/setup.sh` installs it).
+#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 use std::time::Duration;

@@ -129,9 +129,14 @@ impl Element for KernelClient {
     fn name(&self) -> &'static str {
         "kernel-client"
     }
-    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
-        let (url, inode) =
-            netns::own_netns_params().map_err(|e| Status::internal(format!("cannot name my network namespace: {e}")))?;
+    async fn request(
+        &self,
+        ctx: &mut Context,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection, Status> {
+        let (url, inode) = netns::own_netns_params()
+            .map_err(|e| Status::internal(format!("cannot name my network namespace: {e}")))?;
         let mechs = req
             .mechanism_preferences
             .iter_mut()
@@ -262,9 +267,10 @@ impl Client {
         r.set_timeout(Duration::from_secs(2));
         let mut s = MonitorConnectionClient::new(ch).monitor_connections(r).await.ok()?.into_inner();
         let ev = tokio::time::timeout(Duration::from_secs(2), s.next()).await.ok()??.ok()?;
-        let mut conn = ev.connections.into_values().find(|c| {
-            c.path.as_ref().and_then(|p| p.path_segments.first()).is_some_and(|s| s.id == id)
-        })?;
+        let mut conn = ev
+            .connections
+            .into_values()
+            .find(|c| c.path.as_ref().and_then(|p| p.path_segments.first()).is_some_and(|s| s.id == id))?;
         conn.id = id.to_string();
         if let Some(p) = conn.path.as_mut() {
             p.index = 0;
@@ -287,9 +293,10 @@ impl Client {
             }
             let t0 = Instant::now();
             let res = async {
-                let conn = self.request(req.clone()).await.map_err(|e| {
-                    anyhow::anyhow!("{}: {} ({:?})", u.network_service, e.message(), e.code())
-                })?;
+                let conn = self
+                    .request(req.clone())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}: {} ({:?})", u.network_service, e.message(), e.code()))?;
                 let ifname = conn
                     .mechanism
                     .as_ref()

@@ -99,7 +99,11 @@ impl Config {
     /// The listen URL, defaulted from the name.
     pub fn listen_url(&self) -> Url {
         self.listen_on.clone().unwrap_or_else(|| {
-            let n: String = self.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+            let n: String = self
+                .name
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+                .collect();
             Url::parse(&format!("unix:///var/lib/networkservicemesh/nse-{n}.sock")).expect("static URL shape is valid")
         })
     }
@@ -117,7 +121,12 @@ impl Element for KernelEndpoint {
         "kernel-endpoint"
     }
 
-    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(
+        &self,
+        ctx: &mut Context,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection, Status> {
         let (url, inode) = netns::own_netns_params()
             .map_err(|e| Status::internal(format!("endpoint cannot name its own network namespace: {e}")))?;
         let conn = conn_mut(&mut req);

@@ -69,7 +69,12 @@ impl Element for DiscoverForwarder {
         "discoverforwarder"
     }
 
-    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(
+        &self,
+        ctx: &mut Context,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection, Status> {
         let conn = conn_mut(&mut req).clone();
         let ns = lookup_service(self.ns.as_ref(), ctx, &conn.network_service).await?;
         let meta = ctx.meta.clone();

@@ -201,7 +201,12 @@ pub fn build(cfg: &Config, public: &Url) -> anyhow::Result<(RouterFut, Handles)>
         // nodeName/podName/clusterName labels for `matches`.
         ClientInfo::new(&cfg.node_name, &cfg.pod_name, &cfg.cluster_name),
         // Check the service exists; pick a forwarder of this node.
-        discoverforwarder::DiscoverForwarder::new(ns_reg.clone(), relay.clone(), &cfg.forwarder_service, public.as_str()),
+        discoverforwarder::DiscoverForwarder::new(
+            ns_reg.clone(),
+            relay.clone(),
+            &cfg.forwarder_service,
+            public.as_str(),
+        ),
         // Hand over to the forwarder.
         Connect::new(client),
     ];

@@ -60,10 +60,9 @@ pub fn claimed_inode(m: &Mechanism) -> Result<Option<u64>, Status> {
     }
     if let Some(u) = m.parameters.get(kernel::INODE_URL).and_then(|u| u.strip_prefix("inode://")) {
         let ino = u.rsplit('/').next().unwrap_or_default();
-        return ino
-            .parse::<u64>()
-            .map(Some)
-            .map_err(|_| Status::invalid_argument(format!("mechanism parameter inodeURL=inode://{u} has no inode number")));
+        return ino.parse::<u64>().map(Some).map_err(|_| {
+            Status::invalid_argument(format!("mechanism parameter inodeURL=inode://{u} has no inode number"))
+        });
     }
     Ok(None)
 }
@@ -79,7 +78,12 @@ impl Element for NetnsOwner {
         "netnsowner"
     }
 
-    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(
+        &self,
+        ctx: &mut Context,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection, Status> {
         let caller = caller_inode(ctx);
         let mut owner: Option<u64> = None;
         let conn_id = conn_mut(&mut req).id.clone();
@@ -163,7 +167,12 @@ mod tests {
         fn name(&self) -> &'static str {
             "seen"
         }
-        async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+        async fn request(
+            &self,
+            ctx: &mut Context,
+            req: NetworkServiceRequest,
+            next: Next,
+        ) -> Result<Connection, Status> {
             *self.0.lock().unwrap() = req.mechanism_preferences[0].parameters.get(kernel::NETNS_INODE).cloned();
             next.request(ctx, req).await
         }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use nsm_api::registry::{NetworkServiceEndpoint, NetworkServiceEndpointQuery, NetworkServiceLabels};
+use nsm_api::registry::{NetworkServiceEndpoint, NetworkServiceEndpointQuery};
 use nsm_sdk::networkservice::Context;
 use nsm_sdk::registry::expire::capped;
 use nsm_sdk::registry::{NseRegistry, NseStream};
@@ -69,7 +69,7 @@ impl NseRegistry for NseRelay {
             nse.name = format!("nse-{}", uuid::Uuid::new_v4());
         }
         for svc in nse.network_service_names.clone() {
-            let l = nse.network_service_labels.entry(svc).or_insert_with(NetworkServiceLabels::default);
+            let l = nse.network_service_labels.entry(svc).or_default();
             for (k, v) in &self.labels {
                 l.labels.entry(k.clone()).or_insert_with(|| v.clone());
             }
@@ -123,5 +123,77 @@ impl NseRegistry for NseRelay {
         let res = self.inner.unregister(ctx, nse.clone()).await;
         self.local.lock().unwrap_or_else(|e| e.into_inner()).remove(&nse.name);
         res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nsm_sdk::registry::find_nses;
+    use nsm_sdk::registry::memory::MemoryRegistry;
+
+    use super::*;
+
+    const PUBLIC: &str = "tcp://10.0.0.1:5001";
+
+    fn relay(store: &MemoryRegistry) -> Arc<NseRelay> {
+        let labels = BTreeMap::from([("nodeName".to_string(), "node-1".to_string())]);
+        NseRelay::new(Arc::new(store.clone()), PUBLIC, labels, Duration::from_secs(60))
+    }
+
+    fn nse(name: &str, url: &str) -> NetworkServiceEndpoint {
+        NetworkServiceEndpoint {
+            name: name.into(),
+            url: url.into(),
+            network_service_names: vec!["svc".into()],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn localbypass_stores_public_url_and_restores_local_one() {
+        let store = MemoryRegistry::new();
+        let r = relay(&store);
+        let ctx = Context::default();
+        let back = r.register(&ctx, nse("e1", "unix:///run/e1.sock")).await.unwrap();
+        assert_eq!(back.url, "unix:///run/e1.sock", "the caller sees its own URL");
+        assert_eq!(back.network_service_labels["svc"].labels["nodeName"], "node-1", "clientinfo label");
+        assert!(back.expiration_time.is_some(), "expire sets an expiration");
+        // The registry holds the nsmgr's public URL ...
+        let stored = find_nses(&store, &ctx, NetworkServiceEndpoint::default()).await.unwrap();
+        assert_eq!(stored[0].url, PUBLIC);
+        // ... and Find through this nsmgr gives the local URL back.
+        let found = find_nses(r.as_ref(), &ctx, NetworkServiceEndpoint::default()).await.unwrap();
+        assert_eq!(found[0].url, "unix:///run/e1.sock");
+        r.unregister(&ctx, nse("e1", "unix:///run/e1.sock")).await.unwrap();
+        assert_eq!(r.local_len(), 0);
+        assert!(find_nses(&store, &ctx, NetworkServiceEndpoint::default()).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn stale_entries_pointing_here_are_dropped_others_kept() {
+        let store = MemoryRegistry::new();
+        let ctx = Context::default();
+        // Left over from before a restart: points here, unknown locally.
+        NseRegistry::register(&store, &ctx, nse("stale", PUBLIC)).await.unwrap();
+        // Registered through another node's nsmgr.
+        NseRegistry::register(&store, &ctx, nse("remote", "tcp://10.0.0.2:5001")).await.unwrap();
+        let r = relay(&store);
+        let found = find_nses(r.as_ref(), &ctx, NetworkServiceEndpoint::default()).await.unwrap();
+        let names: Vec<_> = found.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["remote"]);
+        assert_eq!(found[0].url, "tcp://10.0.0.2:5001");
+    }
+
+    #[tokio::test]
+    async fn bad_registrations_are_refused_clearly() {
+        let store = MemoryRegistry::new();
+        let r = relay(&store);
+        let e = r.register(&Context::default(), nse("e", "ftp://x")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("ftp://x"), "{}", e.message());
+        let mut no_svc = nse("e", "unix:///e.sock");
+        no_svc.network_service_names.clear();
+        assert!(r.register(&Context::default(), no_svc).await.is_err());
+        assert_eq!(r.local_len(), 0);
     }
 }

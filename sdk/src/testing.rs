@@ -200,9 +200,7 @@ impl Element for GrabEvents {
 /// Installs a tracing subscriber for tests (once); honours `RUST_LOG`.
 pub fn trace_init() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
         .try_init();
 }

@@ -102,7 +102,12 @@ impl KernelError {
         }
     }
 
-    pub(crate) fn netlink(op: impl Into<String>, ns: &NetnsHandle, name: &str, source: rtnetlink::Error) -> KernelError {
+    pub(crate) fn netlink(
+        op: impl Into<String>,
+        ns: &NetnsHandle,
+        name: &str,
+        source: rtnetlink::Error,
+    ) -> KernelError {
         let errno = errno_of(&source);
         let reason = match &source {
             rtnetlink::Error::NetlinkError(m) => {

@@ -48,14 +48,16 @@ pub async fn apply_routes(ns: &NetnsHandle, ifname: &str, routes: &[ResolvedRout
         let p = r.prefix.network();
         let msg = match (p.addr, r.next_hop) {
             (IpAddr::V4(dst), gw) => {
-                let b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, p.len).output_interface(link.index);
+                let b =
+                    RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, p.len).output_interface(link.index);
                 match gw {
                     Some(IpAddr::V4(gw)) => b.gateway(gw).onlink().scope(RouteScope::Universe).build(),
                     _ => b.scope(RouteScope::Link).build(),
                 }
             }
             (IpAddr::V6(dst), gw) => {
-                let b = RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(dst, p.len).output_interface(link.index);
+                let b =
+                    RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(dst, p.len).output_interface(link.index);
                 match gw {
                     Some(IpAddr::V6(gw)) => b.gateway(gw).onlink().scope(RouteScope::Universe).build(),
                     // IPv6 has no route scopes; the kernel reports universe.

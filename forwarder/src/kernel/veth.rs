@@ -84,7 +84,8 @@ pub async fn ensure_veth_pair(a: &VethEnd, b: &VethEnd) -> Result<VethPair, Kern
 
     let own = NetnsHandle::current()?;
     let nl_own = own.netlink().await?;
-    let mut peer = LinkMessageBuilder::<LinkUnspec>::new().name(b.name.clone()).setns_by_fd(b.netns.as_fd().as_raw_fd());
+    let mut peer =
+        LinkMessageBuilder::<LinkUnspec>::new().name(b.name.clone()).setns_by_fd(b.netns.as_fd().as_raw_fd());
     if let Some(m) = b.mtu {
         peer = peer.mtu(m);
     }

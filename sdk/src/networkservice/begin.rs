@@ -112,7 +112,12 @@ impl Element for Begin {
         "begin"
     }
 
-    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(
+        &self,
+        ctx: &mut Context,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection, Status> {
         let id = conn_mut(&mut req).id.clone();
         if id.is_empty() {
             return Err(Status::invalid_argument("request has an empty connection id"));
@@ -288,7 +293,9 @@ mod tests {
         assert_eq!(begin.len(), 1);
         let seen = Arc::new(Mutex::new(String::new()));
         let s2 = seen.clone();
-        let check = crate::testing::OnClose::new(move |c: &Connection| *s2.lock().unwrap() = c.network_service_endpoint_name.clone());
+        let check = crate::testing::OnClose::new(move |c: &Connection| {
+            *s2.lock().unwrap() = c.network_service_endpoint_name.clone()
+        });
         let chain = Chain::new(vec![begin.clone(), check]);
         // The caller sends only the id; begin substitutes what it returned.
         chain.close(&mut Context::default(), Connection { id: "a".into(), ..Default::default() }).await.unwrap();
@@ -315,7 +322,9 @@ mod tests {
         let mut tasks = vec![];
         for i in 0..5 {
             let c = chain.clone();
-            tasks.push(tokio::spawn(async move { c.request(&mut Context::default(), request_with_id(&format!("id{i}"))).await }));
+            tasks.push(tokio::spawn(async move {
+                c.request(&mut Context::default(), request_with_id(&format!("id{i}"))).await
+            }));
         }
         for t in tasks {
             t.await.unwrap().unwrap();

@@ -42,7 +42,12 @@ impl Element for ClientInfo {
     fn name(&self) -> &'static str {
         "clientinfo"
     }
-    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(
+        &self,
+        ctx: &mut Context,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection, Status> {
         let conn = conn_mut(&mut req);
         for (k, v) in &self.labels {
             conn.labels.entry(k.clone()).or_insert_with(|| v.clone());

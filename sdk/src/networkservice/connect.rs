@@ -54,7 +54,12 @@ impl Element for Connect {
         "connect"
     }
 
-    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(
+        &self,
+        ctx: &mut Context,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection, Status> {
         let downstream = self.client.request(ctx, req.clone()).await?;
         req.connection = Some(downstream.clone());
         match next.request(ctx, req).await {
@@ -138,11 +143,8 @@ impl Element for GrpcClient {
         }
         let ch = self.pool.get(&url).await?;
         let r = self.tonic_request(ctx, req)?;
-        let conn = NetworkServiceClient::new(ch)
-            .request(r)
-            .await
-            .map_err(|e| self.downstream_error(&url, e))?
-            .into_inner();
+        let conn =
+            NetworkServiceClient::new(ch).request(r).await.map_err(|e| self.downstream_error(&url, e))?.into_inner();
         if let Some(m) = &ctx.meta {
             m.client_insert(DialedUrl(url));
         }

@@ -77,7 +77,12 @@ impl Element for Discover {
         "discover"
     }
 
-    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(
+        &self,
+        ctx: &mut Context,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection, Status> {
         if ctx.client_url.is_some() {
             return next.request(ctx, req).await;
         }
@@ -150,7 +155,12 @@ impl Element for RoundRobin {
         "roundrobin"
     }
 
-    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(
+        &self,
+        ctx: &mut Context,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection, Status> {
         let Some(Candidates(cands)) = ctx.ext.remove::<Candidates>() else {
             // The URL was chosen before us.
             return next.request(ctx, req).await;
@@ -196,5 +206,170 @@ impl Element for RoundRobin {
 
     async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
         next.close(ctx, conn).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap as Map;
+
+    use nsm_api::registry::{Destination, Match, NetworkServiceLabels};
+
+    use super::*;
+    use crate::networkservice::chain::Chain;
+    use crate::registry::memory::MemoryRegistry;
+    use crate::testing::Inject;
+
+    /// Records the URL and endpoint each attempt was sent to; fails for
+    /// URLs containing "dead".
+    struct Target(Mutex<Vec<(String, String)>>);
+
+    #[async_trait]
+    impl Element for Target {
+        fn name(&self) -> &'static str {
+            "target"
+        }
+        async fn request(
+            &self,
+            ctx: &mut Context,
+            req: NetworkServiceRequest,
+            next: Next,
+        ) -> Result<Connection, Status> {
+            let url = ctx.client_url.as_ref().map(|u| u.to_string()).unwrap_or_default();
+            let nse = req.connection.as_ref().map(|c| c.network_service_endpoint_name.clone()).unwrap_or_default();
+            self.0.lock().unwrap().push((url.clone(), nse));
+            if url.contains("dead") {
+                return Err(Status::unavailable("connection refused"));
+            }
+            next.request(ctx, req).await
+        }
+        async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
+            next.close(ctx, conn).await
+        }
+    }
+
+    type Nse<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+
+    async fn registry(nses: &[Nse<'_>], ns: NetworkService) -> MemoryRegistry {
+        let r = MemoryRegistry::new();
+        let ctx = Context::default();
+        NsRegistry::register(&r, &ctx, ns.clone()).await.unwrap();
+        for (name, url, labels) in nses {
+            let labels: Map<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let nse = NetworkServiceEndpoint {
+                name: name.to_string(),
+                url: url.to_string(),
+                network_service_names: vec![ns.name.clone()],
+                network_service_labels: Map::from([(ns.name.clone(), NetworkServiceLabels { labels })]),
+                ..Default::default()
+            };
+            NseRegistry::register(&r, &ctx, nse).await.unwrap();
+        }
+        r
+    }
+
+    fn req(svc: &str, nse: &str, labels: &[(&str, &str)]) -> NetworkServiceRequest {
+        NetworkServiceRequest {
+            connection: Some(Connection {
+                id: "c".into(),
+                network_service: svc.into(),
+                network_service_endpoint_name: nse.into(),
+                labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn chain(r: &MemoryRegistry, target: &Arc<Target>) -> Chain {
+        Chain::new(vec![Discover::new(Arc::new(r.clone()), Arc::new(r.clone())), RoundRobin::new(), target.clone()])
+    }
+
+    fn svc(name: &str, payload: &str) -> NetworkService {
+        NetworkService { name: name.into(), payload: payload.into(), ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn round_robin_spreads_and_skips_dead_endpoints() {
+        let r = registry(
+            &[("a", "unix:///a.sock", &[]), ("b", "unix:///dead.sock", &[]), ("c", "unix:///c.sock", &[])],
+            svc("s", "IP"),
+        )
+        .await;
+        let t = Arc::new(Target(Mutex::default()));
+        let ch = chain(&r, &t);
+        let mut chosen = vec![];
+        for _ in 0..3 {
+            let c = ch.request(&mut Context::default(), req("s", "", &[])).await.unwrap();
+            assert_eq!(c.payload, "IP", "payload comes from the service");
+            chosen.push(c.network_service_endpoint_name);
+        }
+        chosen.sort();
+        assert!(chosen.contains(&"a".to_string()) && chosen.contains(&"c".to_string()), "{chosen:?}");
+        assert!(!chosen.contains(&"b".to_string()));
+    }
+
+    #[tokio::test]
+    async fn all_failing_lists_every_endpoint() {
+        let r = registry(&[("x", "unix:///dead1.sock", &[]), ("y", "unix:///dead2.sock", &[])], svc("s", "IP")).await;
+        let t = Arc::new(Target(Mutex::default()));
+        let e = chain(&r, &t).request(&mut Context::default(), req("s", "", &[])).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(e.message().contains("endpoint x") && e.message().contains("endpoint y"), "{}", e.message());
+    }
+
+    #[tokio::test]
+    async fn unknown_service_no_endpoints_and_no_match_are_distinct_errors() {
+        let picky = NetworkService {
+            name: "picky".into(),
+            matches: vec![Match {
+                routes: vec![Destination {
+                    destination_selector: Map::from([("color".into(), "red".into())]),
+                    weight: 0,
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let r = registry(&[("blue", "unix:///b.sock", &[("color", "blue")])], picky).await;
+        NsRegistry::register(&r, &Context::default(), svc("empty", "")).await.unwrap();
+        let t = Arc::new(Target(Mutex::default()));
+        let ch = chain(&r, &t);
+        let e = ch.request(&mut Context::default(), req("nope", "", &[])).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        assert!(e.message().contains("\"nope\" is not registered"), "{}", e.message());
+        let e = ch.request(&mut Context::default(), req("empty", "", &[])).await.unwrap_err();
+        assert!(e.message().contains("has no registered endpoints"), "{}", e.message());
+        let e = ch.request(&mut Context::default(), req("picky", "", &[("app", "x")])).await.unwrap_err();
+        assert!(e.message().contains("none of the 1 endpoints") && e.message().contains("app=x"), "{}", e.message());
+        assert!(t.0.lock().unwrap().is_empty(), "nothing was dialled");
+    }
+
+    #[tokio::test]
+    async fn named_endpoint_is_looked_up_by_name() {
+        let r = registry(&[("a", "unix:///a.sock", &[]), ("b", "unix:///b.sock", &[])], svc("s", "IP")).await;
+        let t = Arc::new(Target(Mutex::default()));
+        let ch = chain(&r, &t);
+        for _ in 0..3 {
+            let c = ch.request(&mut Context::default(), req("s", "b", &[])).await.unwrap();
+            assert_eq!(c.network_service_endpoint_name, "b");
+        }
+        assert!(t.0.lock().unwrap().iter().all(|(u, _)| u == "unix:///b.sock"));
+        let e = ch.request(&mut Context::default(), req("s", "gone", &[])).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        assert!(e.message().contains("gone"));
+    }
+
+    #[tokio::test]
+    async fn failure_after_selection_is_returned_unchanged_for_one_candidate() {
+        let r = registry(&[("a", "unix:///a.sock", &[])], svc("s", "IP")).await;
+        let ch = Chain::new(vec![
+            Discover::new(Arc::new(r.clone()), Arc::new(r.clone())),
+            RoundRobin::new(),
+            Inject::error(tonic::Code::AlreadyExists, "interface taken"),
+        ]);
+        let e = ch.request(&mut Context::default(), req("s", "", &[])).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::AlreadyExists);
+        assert!(e.message().contains("interface taken"));
     }
 }

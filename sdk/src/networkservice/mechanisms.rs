@@ -61,7 +61,12 @@ impl Element for Mechanisms {
         "mechanisms"
     }
 
-    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(
+        &self,
+        ctx: &mut Context,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection, Status> {
         if let Some(m) = &conn_mut(&mut req).mechanism {
             let Some(h) = self.handlers.get(&m.r#type) else {
                 return Err(Status::invalid_argument(format!(
@@ -148,7 +153,10 @@ mod tests {
     async fn unsupported_is_a_clear_error() {
         let log = Record::log();
         let chain = Chain::new(vec![Mechanisms::new(vec![("KERNEL", Record::new("k", &log) as Arc<dyn Element>)])]);
-        let req = NetworkServiceRequest { connection: Some(Connection::default()), mechanism_preferences: vec![pref("MEMIF")] };
+        let req = NetworkServiceRequest {
+            connection: Some(Connection::default()),
+            mechanism_preferences: vec![pref("MEMIF")],
+        };
         let e = chain.request(&mut Context::default(), req).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().contains("[MEMIF]") && e.message().contains("KERNEL"), "{}", e.message());

@@ -87,7 +87,12 @@ impl Element for Metadata {
         "metadata"
     }
 
-    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(
+        &self,
+        ctx: &mut Context,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection, Status> {
         let id = conn_mut(&mut req).id.clone();
         let (meta, created) = {
             let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());

@@ -89,11 +89,8 @@ impl MonitorServer {
     pub fn subscribe(&self, sel: &MonitorScopeSelector) -> (ConnectionEvent, broadcast::Receiver<ConnectionEvent>) {
         let conns = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner());
         let rx = self.inner.tx.subscribe();
-        let snapshot = conns
-            .iter()
-            .filter(|(_, c)| c.matches_selector(sel))
-            .map(|(k, c)| (k.clone(), c.clone()))
-            .collect();
+        let snapshot =
+            conns.iter().filter(|(_, c)| c.matches_selector(sel)).map(|(k, c)| (k.clone(), c.clone())).collect();
         (ConnectionEvent { r#type: ConnectionEventType::InitialStateTransfer as i32, connections: snapshot }, rx)
     }
 }
@@ -134,7 +131,8 @@ fn event_stream(
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
-                    let e = Status::resource_exhausted(format!("monitor subscriber fell {n} events behind; resubscribe"));
+                    let e =
+                        Status::resource_exhausted(format!("monitor subscriber fell {n} events behind; resubscribe"));
                     return Some((Err(e), None));
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
@@ -157,7 +155,12 @@ impl Element for MonitorElement {
         "monitor"
     }
 
-    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(
+        &self,
+        ctx: &mut Context,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection, Status> {
         let id = conn_mut(&mut req).id.clone();
         let established = self.server.inner.conns.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
         match next.request(ctx, req).await {
@@ -208,7 +211,11 @@ mod tests {
     }
 
     async fn next_event(s: &mut EventStream) -> ConnectionEvent {
-        tokio::time::timeout(Duration::from_secs(2), s.next()).await.expect("event in time").expect("stream open").unwrap()
+        tokio::time::timeout(Duration::from_secs(2), s.next())
+            .await
+            .expect("event in time")
+            .expect("stream open")
+            .unwrap()
     }
 
     #[tokio::test]

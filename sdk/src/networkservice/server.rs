@@ -63,11 +63,7 @@ impl NetworkService for ChainServer {
     async fn request(&self, r: Request<NetworkServiceRequest>) -> Result<Response<Connection>, Status> {
         let mut ctx = context_of(&r);
         let req = r.into_inner();
-        let (id, svc) = req
-            .connection
-            .as_ref()
-            .map(|c| (c.id.clone(), c.network_service.clone()))
-            .unwrap_or_default();
+        let (id, svc) = req.connection.as_ref().map(|c| (c.id.clone(), c.network_service.clone())).unwrap_or_default();
         let span = tracing::info_span!("request", conn_id = %id, service = %svc);
         let t0 = Instant::now();
         let res = self.chain.request(&mut ctx, req).instrument(span.clone()).await;

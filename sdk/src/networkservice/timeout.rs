@@ -129,7 +129,12 @@ mod tests {
     async fn closes_after_expiry_unless_refreshed() {
         let log = Record::log();
         let begin = Begin::new();
-        let chain = Chain::new(vec![begin.clone(), Metadata::new(), Timeout::new(Duration::from_secs(600)), Record::new("r", &log)]);
+        let chain = Chain::new(vec![
+            begin.clone(),
+            Metadata::new(),
+            Timeout::new(Duration::from_secs(600)),
+            Record::new("r", &log),
+        ]);
         chain.request(&mut Context::default(), req(Some(Duration::from_millis(150)))).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         // Refresh with a later expiry: the first timer must not fire.
@@ -144,7 +149,12 @@ mod tests {
     #[tokio::test]
     async fn close_disarms() {
         let log = Record::log();
-        let chain = Chain::new(vec![Begin::new(), Metadata::new(), Timeout::new(Duration::from_secs(600)), Record::new("r", &log)]);
+        let chain = Chain::new(vec![
+            Begin::new(),
+            Metadata::new(),
+            Timeout::new(Duration::from_secs(600)),
+            Record::new("r", &log),
+        ]);
         let conn = chain.request(&mut Context::default(), req(Some(Duration::from_millis(80)))).await.unwrap();
         chain.close(&mut Context::default(), conn).await.unwrap();
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -154,7 +164,12 @@ mod tests {
     #[tokio::test]
     async fn missing_expiry_uses_default() {
         let log = Record::log();
-        let chain = Chain::new(vec![Begin::new(), Metadata::new(), Timeout::new(Duration::from_millis(60)), Record::new("r", &log)]);
+        let chain = Chain::new(vec![
+            Begin::new(),
+            Metadata::new(),
+            Timeout::new(Duration::from_millis(60)),
+            Record::new("r", &log),
+        ]);
         chain.request(&mut Context::default(), req(None)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert!(log.lock().unwrap().contains(&"close r".to_string()));

@@ -89,7 +89,10 @@ mod tests {
     async fn endpoint_trims_passthrough_keeps() {
         let c = Chain::new(vec![TrimPath::server()]).request(&mut Context::default(), req()).await.unwrap();
         assert_eq!(c.path.unwrap().path_segments.len(), 2);
-        let c = Chain::new(vec![TrimPath::server(), TrimPath::client()]).request(&mut Context::default(), req()).await.unwrap();
+        let c = Chain::new(vec![TrimPath::server(), TrimPath::client()])
+            .request(&mut Context::default(), req())
+            .await
+            .unwrap();
         assert_eq!(c.path.unwrap().path_segments.len(), 4);
     }
 }

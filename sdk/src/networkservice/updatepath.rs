@@ -98,7 +98,12 @@ impl Element for UpdatePath {
         "updatepath"
     }
 
-    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(
+        &self,
+        ctx: &mut Context,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection, Status> {
         let back = update_path(conn_mut(&mut req), &self.name)?;
         let mut conn = next.request(ctx, req).await?;
         restore(&mut conn, back);
@@ -153,7 +158,10 @@ mod tests {
     fn refresh_reuses_segment_and_overwrites_foreign_name() {
         let mut c = Connection {
             id: "nsc-0".into(),
-            path: Some(Path { index: 0, path_segments: vec![seg("nsc", "nsc-0"), seg("nsmgr", "m1"), seg("fwd", "f1")] }),
+            path: Some(Path {
+                index: 0,
+                path_segments: vec![seg("nsc", "nsc-0"), seg("nsmgr", "m1"), seg("fwd", "f1")],
+            }),
             ..Default::default()
         };
         update_path(&mut c, "nsmgr").unwrap();
@@ -175,7 +183,8 @@ mod tests {
         let e = update_path(&mut c, "nsmgr").unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().contains("someone-else"));
-        let mut c = Connection { path: Some(Path { index: 5, path_segments: vec![seg("a", "")] }), ..Default::default() };
+        let mut c =
+            Connection { path: Some(Path { index: 5, path_segments: vec![seg("a", "")] }), ..Default::default() };
         assert!(update_path(&mut c, "x").is_err());
     }
 

@@ -57,7 +57,12 @@ impl Element for UpdateToken {
         "updatetoken"
     }
 
-    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(
+        &self,
+        ctx: &mut Context,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection, Status> {
         self.apply(ctx, conn_mut(&mut req))?;
         next.request(ctx, req).await
     }

@@ -82,7 +82,8 @@ pub async fn find_nses(
     ctx: &Context,
     nse: NetworkServiceEndpoint,
 ) -> Result<Vec<NetworkServiceEndpoint>, Status> {
-    let mut s = reg.find(ctx, NetworkServiceEndpointQuery { network_service_endpoint: Some(nse), watch: false }).await?;
+    let mut s =
+        reg.find(ctx, NetworkServiceEndpointQuery { network_service_endpoint: Some(nse), watch: false }).await?;
     let mut out = vec![];
     while let Some(r) = s.next().await {
         if let Some(nse) = r?.network_service_endpoint {

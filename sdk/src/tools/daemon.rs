@@ -99,7 +99,9 @@ impl CommonArgs {
             std::process::exit(64);
         }
         if !self.insecure {
-            eprintln!("{prog}: TLS with SPIFFE identities is not implemented yet; run with NSM_INSECURE=true (the default)");
+            eprintln!(
+                "{prog}: TLS with SPIFFE identities is not implemented yet; run with NSM_INSECURE=true (the default)"
+            );
             std::process::exit(64);
         }
         tracing::warn!("plaintext gRPC (NSM_INSECURE=true): no TLS, no SPIFFE identities on this component's hops");

@@ -53,7 +53,9 @@ pub fn parse_url(s: &str) -> Result<Url, Error> {
     match u.scheme() {
         "unix" => {
             if u.path().is_empty() || u.path() == "/" {
-                return Err(bad("unix URL needs an absolute socket path, e.g. unix:///var/lib/networkservicemesh/nsm.io.sock"));
+                return Err(bad(
+                    "unix URL needs an absolute socket path, e.g. unix:///var/lib/networkservicemesh/nsm.io.sock",
+                ));
             }
             if u.host_str().is_some_and(|h| !h.is_empty()) {
                 return Err(bad("unix URL must have an empty host: use three slashes, unix:///path"));
@@ -208,10 +210,8 @@ impl Listeners {
                     l.unix.push((ln, path));
                 }
                 _ => {
-                    let auth = tcp_authority(u).ok_or_else(|| Error::BadUrl {
-                        url: u.to_string(),
-                        reason: "needs host:port".into(),
-                    })?;
+                    let auth = tcp_authority(u)
+                        .ok_or_else(|| Error::BadUrl { url: u.to_string(), reason: "needs host:port".into() })?;
                     let ln = TcpListener::bind(&auth).await.map_err(lerr)?;
                     let local = ln.local_addr().map_err(lerr)?;
                     // Report the real port when asked for port 0.
@@ -391,7 +391,10 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(parse_url("unix:///var/lib/networkservicemesh/nsm.io.sock").unwrap().path(), "/var/lib/networkservicemesh/nsm.io.sock");
+        assert_eq!(
+            parse_url("unix:///var/lib/networkservicemesh/nsm.io.sock").unwrap().path(),
+            "/var/lib/networkservicemesh/nsm.io.sock"
+        );
         assert_eq!(parse_url("registry:5002").unwrap().as_str(), "tcp://registry:5002");
         assert_eq!(parse_url("tcp://:5001").unwrap().as_str(), "tcp://0.0.0.0:5001");
         assert_eq!(tcp_authority(&parse_url("tcp://[::1]:5001").unwrap()).unwrap(), "[::1]:5001");

@@ -425,7 +425,12 @@ pub fn resolve(inode_url: Option<&str>, netns_inode: Option<&str>) -> Result<Net
                 (Ok(h), None) => return Ok(h),
                 (Ok(h), Some(ino)) if h.inode() == ino => return Ok(h),
                 (Ok(h), Some(ino)) => {
-                    tracing::debug!(url, found = h.inode(), wanted = ino, "netns path has another inode; searching by inode")
+                    tracing::debug!(
+                        url,
+                        found = h.inode(),
+                        wanted = ino,
+                        "netns path has another inode; searching by inode"
+                    )
                 }
                 (Err(e), None) => return Err(e),
                 (Err(e), Some(ino)) => {
@@ -620,7 +625,8 @@ mod tests {
         // the mount path, so the kernel is asked).
         let target = dir.path().join("uts");
         std::fs::write(&target, b"").unwrap();
-        let st = std::process::Command::new("mount").arg("--bind").arg("/proc/self/ns/uts").arg(&target).status().unwrap();
+        let st =
+            std::process::Command::new("mount").arg("--bind").arg("/proc/self/ns/uts").arg(&target).status().unwrap();
         assert!(st.success());
         struct Umount(PathBuf);
         impl Drop for Umount {

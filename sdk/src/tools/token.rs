@@ -116,7 +116,8 @@ mod tests {
 
     #[test]
     fn metadata_round_trip() {
-        let t = Token { token: "abc".into(), expires: SystemTime::UNIX_EPOCH + Duration::new(1_800_000_000, 123_456_789) };
+        let t =
+            Token { token: "abc".into(), expires: SystemTime::UNIX_EPOCH + Duration::new(1_800_000_000, 123_456_789) };
         let mut md = MetadataMap::new();
         put(&mut md, &t);
         assert_eq!(md.get(TOKEN_EXPIRES_KEY).unwrap().to_str().unwrap(), "2027-01-15T08:00:00.123456789Z");
