@@ -2,7 +2,6 @@
 //! and a client pod; the client requests `kernel://icmp-responder/nsm-1`,
 //! gets a veth wire, and pings the endpoint over it (and back).
 
-use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
@@ -23,8 +22,7 @@ pub struct DemoOpts {
 }
 
 fn step(n: usize, total: usize, what: &str) {
-    print!("[{n}/{total}] {what} ... ");
-    let _ = std::io::stdout().flush();
+    crate::say_part!("[{n}/{total}] {what} ... ");
 }
 
 /// Runs the demo in `lab`.
@@ -36,18 +34,18 @@ pub async fn run(lab: &mut Lab, opts: &DemoOpts) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let node_opts = NodeOpts { log_level: opts.log_level.clone(), ..Default::default() };
     let node = mesh::start_node(lab, "node1", &node_opts).await?;
-    println!("up ({} ms)", t0.elapsed().as_millis());
+    crate::say!("up ({} ms)", t0.elapsed().as_millis());
 
     step(2, total, &format!("endpoint pod {p}-icmp-responder-1: serving icmp-responder from {}", opts.cidr));
     let t0 = Instant::now();
     let nse = mesh::start_nse(lab, &node, "icmp-responder-1", "icmp-responder", &opts.cidr, &[]).await?;
-    println!("registered ({} ms)", t0.elapsed().as_millis());
+    crate::say!("registered ({} ms)", t0.elapsed().as_millis());
 
     step(3, total, &format!("client pod {p}-nsc1: nsc init kernel://icmp-responder/nsm-1"));
     let client_ns = lab.add_netns("nsc1")?;
     let run = mesh::nsc_init(lab, &node, &client_ns, "nsc", "kernel://icmp-responder/nsm-1", &[])?;
     if !run.ok {
-        println!("FAILED");
+        crate::say!("FAILED");
         bail!(
             "nsc init failed: {}\nnsmgr log:\n{}\nforwarder log:\n{}",
             run.stderr.trim(),
@@ -56,7 +54,7 @@ pub async fn run(lab: &mut Lab, opts: &DemoOpts) -> anyhow::Result<()> {
         );
     }
     let s = run.summaries.first().context("nsc printed no summary")?.clone();
-    println!("connected ({:.1} ms)", s.setup_ms);
+    crate::say!("connected ({:.1} ms)", s.setup_ms);
 
     let nse_ip = s.dst_ips.first().context("no endpoint address")?.split('/').next().unwrap_or_default().to_string();
     let nsc_ip = s.src_ips.first().context("no client address")?.split('/').next().unwrap_or_default().to_string();
@@ -65,28 +63,28 @@ pub async fn run(lab: &mut Lab, opts: &DemoOpts) -> anyhow::Result<()> {
     step(4, total, &format!("ping {nse_ip} from the client over {}", s.interface));
     let (ok, out) = mesh::ping(lab, &client_ns, &s.interface, &nse_ip, 3)?;
     if !ok {
-        println!("FAILED");
+        crate::say!("FAILED");
         bail!("ping over {} failed:\n{out}", s.interface);
     }
-    println!("{}", ping_line(&out));
+    crate::say!("{}", ping_line(&out));
 
     step(5, total, &format!("ping {nsc_ip} back from the endpoint over {nse_if}"));
     let (ok, out) = mesh::ping(lab, &nse.netns, &nse_if, &nsc_ip, 3)?;
     if !ok {
-        println!("FAILED");
+        crate::say!("FAILED");
         bail!("ping back over {nse_if} failed:\n{out}");
     }
-    println!("{}", ping_line(&out));
+    crate::say!("{}", ping_line(&out));
 
-    println!();
-    println!("Connection");
-    println!("  id          {}", s.id);
-    println!("  service     {} (endpoint {})", s.network_service, s.nse);
-    println!("  path        {}", s.path.join(" > "));
-    println!("  client      {:<16} in {:<18} {}", s.interface, client_ns, s.src_ips.join(", "));
-    println!("  endpoint    {:<16} in {:<18} {}", nse_if, nse.netns, s.dst_ips.join(", "));
-    println!("  wire        veth pair created in place in both pod namespaces (no forwarder hop on the data path)");
-    println!(
+    crate::say!();
+    crate::say!("Connection");
+    crate::say!("  id          {}", s.id);
+    crate::say!("  service     {} (endpoint {})", s.network_service, s.nse);
+    crate::say!("  path        {}", s.path.join(" > "));
+    crate::say!("  client      {:<16} in {:<18} {}", s.interface, client_ns, s.src_ips.join(", "));
+    crate::say!("  endpoint    {:<16} in {:<18} {}", nse_if, nse.netns, s.dst_ips.join(", "));
+    crate::say!("  wire        veth pair created in place in both pod namespaces (no forwarder hop on the data path)");
+    crate::say!(
         "  setup time  {:.1} ms (Request through nsmgr, forwarder, endpoint; nsc wall time {} ms)",
         s.setup_ms,
         run.took.as_millis()
@@ -107,12 +105,12 @@ pub async fn run(lab: &mut Lab, opts: &DemoOpts) -> anyhow::Result<()> {
                 ("NSM_LOG_LEVEL", opts.log_level.clone()),
             ],
         )?;
-        println!();
-        println!("The lab stays up (a client sidecar keeps the connection refreshed). Try:");
-        println!("  ip netns exec {client_ns} ping {nse_ip}");
-        println!("  ip netns exec {client_ns} ip addr show {}", s.interface);
-        println!("  logs: {}/*.log", lab.dir().display());
-        println!(
+        crate::say!();
+        crate::say!("The lab stays up (a client sidecar keeps the connection refreshed). Try:");
+        crate::say!("  ip netns exec {client_ns} ping {nse_ip}");
+        crate::say!("  ip netns exec {client_ns} ip addr show {}", s.interface);
+        crate::say!("  logs: {}/*.log", lab.dir().display());
+        crate::say!(
             "Remove it with: nsm-lab down{}",
             if p == "nsmlab" { String::new() } else { format!(" --prefix {p}") }
         );

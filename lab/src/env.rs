@@ -334,6 +334,13 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if std::thread::panicking() && !self.torn_down {
+            // A failing test: show what the daemons said before their logs go.
+            for p in &self.procs {
+                eprintln!("----- {} (in {}), last lines of {} -----", p.name, p.netns, p.log.display());
+                eprintln!("{}", self.log_tail(&p.name, 30));
+            }
+        }
         if !self.keep {
             self.teardown();
         }

@@ -8,6 +8,28 @@
 //! - [`mesh`]: nodes, endpoints, clients and queries built on [`env`].
 //! - [`demo`]: the scenario `nsm-lab run` shows.
 
+/// `println!` that ignores a closed stdout (`nsm-lab | head`): the lab must
+/// reach its teardown, not panic on a broken pipe.
+#[macro_export]
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let mut o = std::io::stdout();
+        let _ = writeln!(o, $($t)*);
+    }};
+}
+
+/// `print!` + flush that ignores a closed stdout.
+#[macro_export]
+macro_rules! say_part {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let mut o = std::io::stdout();
+        let _ = write!(o, $($t)*);
+        let _ = o.flush();
+    }};
+}
+
 pub mod demo;
 pub mod env;
 pub mod mesh;

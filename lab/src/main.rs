@@ -49,7 +49,7 @@ async fn main() {
     match cmd {
         Cmd::Down => match down(&cli.prefix) {
             Ok(r) => {
-                println!(
+                nsm_lab::say!(
                     "removed lab {:?}: {} processes stopped, {} namespaces deleted",
                     cli.prefix,
                     r.killed.len(),
@@ -86,7 +86,7 @@ async fn run(prefix: &str, opts: DemoOpts) -> i32 {
     if opts.keep {
         lab.detach_daemons();
     }
-    println!("nsm-lab: namespaces {prefix}-*, state and logs in {}", lab.dir().display());
+    nsm_lab::say!("nsm-lab: namespaces {prefix}-*, state and logs in {}", lab.dir().display());
     let t0 = std::time::Instant::now();
     let res = tokio::select! {
         r = demo::run(&mut lab, &opts) => r,
@@ -95,7 +95,7 @@ async fn run(prefix: &str, opts: DemoOpts) -> i32 {
     let code = match &res {
         Ok(()) => 0,
         Err(e) => {
-            println!();
+            nsm_lab::say!();
             eprintln!("nsm-lab: {e:#}");
             1
         }
@@ -104,8 +104,7 @@ async fn run(prefix: &str, opts: DemoOpts) -> i32 {
         lab.keep();
         return 0;
     }
-    print!("tearing down ... ");
-    let _ = std::io::Write::flush(&mut std::io::stdout());
+    nsm_lab::say_part!("tearing down ... ");
     let td = std::time::Instant::now();
     lab.shutdown().await;
     let left: Vec<String> = std::fs::read_dir("/run/netns")
@@ -117,13 +116,13 @@ async fn run(prefix: &str, opts: DemoOpts) -> i32 {
         })
         .unwrap_or_default();
     if left.is_empty() {
-        println!(
+        nsm_lab::say!(
             "done in {} ms, no namespaces or processes left ({:.1} s in all)",
             td.elapsed().as_millis(),
             t0.elapsed().as_secs_f64()
         );
     } else {
-        println!("namespaces left behind: {left:?} (run nsm-lab down)");
+        nsm_lab::say!("namespaces left behind: {left:?} (run nsm-lab down)");
         return 1;
     }
     code

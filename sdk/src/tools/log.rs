@@ -33,7 +33,12 @@ pub fn init(level: &str, json: bool) -> Result<(), String> {
         Ok(v) if !v.is_empty() => tracing_subscriber::EnvFilter::try_new(v).map_err(|e| format!("RUST_LOG: {e}"))?,
         _ => tracing_subscriber::EnvFilter::try_new(directive(level)?).map_err(|e| e.to_string())?,
     };
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: logs in files stay greppable.
+        .with_ansi(std::io::stderr().is_terminal());
     let r = if json { b.json().try_init() } else { b.with_target(false).try_init() };
     r.map_err(|e| e.to_string())
 }
