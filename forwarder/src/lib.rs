@@ -94,7 +94,9 @@ pub fn chain(cfg: &Config) -> (Chain, Handles) {
     let registry = RemoteRegistry::new(cfg.connect_to.clone(), pool.clone());
     let tokens = ExpiryOnly::new(cfg.max_token_lifetime);
     let monitor = MonitorServer::new();
-    let begin = Begin::new();
+    // Closes of connections from before a restart still reach localkernel,
+    // which removes the interfaces by their alias.
+    let begin = Begin::passing_unknown_closes();
     let metadata = Metadata::new();
     let client = Chain::new(vec![
         UpdatePath::new(&cfg.name),

@@ -76,25 +76,48 @@ fn netns_error(who: &str, e: netns::NetnsError) -> Status {
     Status::failed_precondition(format!("cannot find the {who}'s network namespace: {e}"))
 }
 
+const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+fn ifname_prefix(prefix: &str) -> String {
+    let clean: String =
+        prefix.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').take(10).collect();
+    if clean.is_empty() { "nsm".to_string() } else { clean }
+}
+
 /// A random interface name `<prefix[:10]>-<4 random>`, as upstream
 /// generates them (15 bytes at most).
 pub fn generate_ifname(prefix: &str) -> String {
-    let clean: String =
-        prefix.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').take(10).collect();
-    let clean = if clean.is_empty() { "nsm".to_string() } else { clean };
-    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
     let mut rng = rand::rng();
     let suffix: String = (0..4).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect();
-    format!("{clean}-{suffix}")
+    format!("{}-{suffix}", ifname_prefix(prefix))
+}
+
+/// The endpoint-side interface name of a connection: `<prefix[:10]>-<4>`,
+/// the suffix derived from the connection id (FNV-1a), so a forwarder that
+/// restarted proposes the same name on the next refresh and adopts the
+/// existing pair instead of rebuilding it.
+pub fn stable_ifname(prefix: &str, conn_id: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in conn_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    let suffix: String = (0..4).map(|i| ALPHABET[((h >> (i * 11)) % ALPHABET.len() as u64) as usize] as char).collect();
+    format!("{}-{suffix}", ifname_prefix(prefix))
 }
 
 fn netns_key(m: &Mechanism) -> (Option<String>, Option<String>) {
     (m.parameters.get(kernel::INODE_URL).cloned(), m.parameters.get(kernel::NETNS_INODE).cloned())
 }
 
-fn resolve(m: &Mechanism, who: &str) -> Result<NetnsHandle, Status> {
+/// Resolves the netns a mechanism names. Off the async workers: a lookup by
+/// inode may scan every `/proc/<pid>/ns/net` on the node.
+async fn resolve(m: &Mechanism, who: &'static str) -> Result<NetnsHandle, Status> {
     let (url, ino) = netns_key(m);
-    netns::resolve(url.as_deref(), ino.as_deref()).map_err(|e| netns_error(who, e))
+    tokio::task::spawn_blocking(move || netns::resolve(url.as_deref(), ino.as_deref()))
+        .await
+        .map_err(|e| Status::internal(format!("netns lookup task failed: {e}")))?
+        .map_err(|e| netns_error(who, e))
 }
 
 fn parse_all(v: &[String], what: &str) -> Result<Vec<Cidr>, Status> {
@@ -167,6 +190,12 @@ impl Element for LocalKernel {
                 incoming.r#type
             )));
         }
+        if !incoming.cls.is_empty() && incoming.cls != cls::LOCAL {
+            return Err(Status::invalid_argument(format!(
+                "KERNEL is a LOCAL mechanism; the request says cls={}",
+                incoming.cls
+            )));
+        }
         let conn = conn_mut(&mut req);
         let mut incoming = incoming;
         let client_if = match incoming.parameters.get(kernel::NAME).filter(|n| !n.is_empty()) {
@@ -180,10 +209,11 @@ impl Element for LocalKernel {
         let key = netns_key(&incoming);
         let client_ns = match &prev {
             Some(w) if w.client_key == key => w.client_ns.clone(),
-            _ => resolve(&incoming, "client")?,
+            _ => resolve(&incoming, "client").await?,
         };
         let alias = format!("nsm-{}", conn.id);
-        let nse_if = prev.as_ref().map(|w| w.nse_if.clone()).unwrap_or_else(|| generate_ifname(&conn.network_service));
+        let nse_if =
+            prev.as_ref().map(|w| w.nse_if.clone()).unwrap_or_else(|| stable_ifname(&conn.network_service, &conn.id));
 
         // Ask the endpoint with our own mechanism (mechanismtranslation).
         let mut out = req.clone();
@@ -206,7 +236,7 @@ impl Element for LocalKernel {
             k::validate_ifname(&nse_if).map_err(kernel_error)?;
             let nse_ns = match &prev {
                 Some(w) if netns_key(&w.outgoing) == netns_key(&outgoing) => w.nse_ns.clone(),
-                _ => resolve(&outgoing, "endpoint")?,
+                _ => resolve(&outgoing, "endpoint").await?,
             };
             let wire = Wire {
                 client_ns: client_ns.clone(),
@@ -269,7 +299,7 @@ impl Element for LocalKernel {
                 // remove the client end if it is positively ours.
                 if let Some(m) = conn.mechanism.clone()
                     && let Some(name) = m.parameters.get(kernel::NAME)
-                    && let Ok(ns) = resolve(&m, "client")
+                    && let Ok(ns) = resolve(&m, "client").await
                 {
                     let alias = format!("nsm-{}", conn.id);
                     let _ = k::delete_link(&ns, name, Some(&alias)).await;
@@ -290,5 +320,9 @@ mod tests {
         assert!(n.starts_with("icmp-respo-"));
         assert!(super::generate_ifname("a/b c").starts_with("abc-"));
         assert!(super::generate_ifname("").starts_with("nsm-"));
+        let a = super::stable_ifname("icmp-responder", "0f3c-id");
+        assert_eq!(a, super::stable_ifname("icmp-responder", "0f3c-id"), "same id, same name");
+        assert_eq!(a.len(), 15);
+        assert_ne!(a, super::stable_ifname("icmp-responder", "another-id"));
     }
 }

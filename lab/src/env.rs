@@ -5,15 +5,18 @@
 //! # Guarantees
 //! - Every namespace is named `<prefix>-<name>`; every daemon is started as
 //!   `setpriv --pdeathsig KILL ip netns exec <ns> <binary>`, so if the lab
-//!   process dies (even by SIGKILL) its daemons die with it.
-//! - `Lab::new` first removes whatever an earlier lab with the same prefix
-//!   left behind; [`down`] does the same on demand (`nsm-lab down`).
+//!   process dies (even by SIGKILL) its daemons die with it — except in a
+//!   kept lab ([`Lab::detach_daemons`]), whose daemons run under `setsid`
+//!   and are removed by [`down`].
+//! - `Lab::new` refuses to start while a lab with the same prefix still has
+//!   running daemons, and otherwise removes whatever an earlier one left
+//!   behind; [`down`] removes everything on demand (`nsm-lab down`).
 //! - Dropping a [`Lab`] (unless kept) stops the daemons in reverse start
 //!   order (SIGTERM, then SIGKILL after 3 s), deletes the namespaces and the
 //!   state directory — also when a test panics.
 
 use std::collections::HashMap;
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -94,6 +97,14 @@ impl Lab {
         check_tools()?;
         if prefix.is_empty() || prefix.len() > 16 || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             bail!("lab prefix {prefix:?} must be 1-16 characters of [A-Za-z0-9-]");
+        }
+        let running = running_daemons(prefix);
+        if !running.is_empty() {
+            bail!(
+                "a lab with prefix {prefix:?} is running ({}); remove it with `nsm-lab down{}` or pick another --prefix",
+                running.join(", "),
+                if prefix == "nsmlab" { String::new() } else { format!(" --prefix {prefix}") }
+            );
         }
         down(prefix)?;
         let dir = Path::new(STATE_ROOT).join(prefix);
@@ -176,8 +187,20 @@ impl Lab {
         args: &[&str],
         env: &[(&str, String)],
     ) -> anyhow::Result<()> {
+        // A restart: forget the exited process of the same name.
+        if let Some(i) = self.procs.iter().position(|p| p.name == name) {
+            if matches!(self.procs[i].child.try_wait(), Ok(None)) {
+                bail!("daemon {name} is already running");
+            }
+            self.procs.remove(i);
+        }
         let log = self.dir.join(format!("{name}.log"));
-        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        // Append, so a restarted daemon's log keeps what its predecessor said.
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         // `ip netns exec` execs the binary (no fork), so the pid we record
         // is the daemon's. Attached daemons die with the lab (pdeathsig);
@@ -408,6 +431,24 @@ fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Daemons of lab `prefix` that are still running (by their recorded pid
+/// and binary directory).
+fn running_daemons(prefix: &str) -> Vec<String> {
+    let dir = Path::new(STATE_ROOT).join(prefix);
+    let Ok(b) = fs::read(dir.join("state.json")) else { return vec![] };
+    let Ok(st) = serde_json::from_slice::<State>(&b) else { return vec![] };
+    st.pids
+        .iter()
+        .filter(|(_, pid)| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat.rsplit(") ").next().is_some_and(|r| r.starts_with('Z'));
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            !zombie && String::from_utf8_lossy(&cmdline).contains(&*st.bin_dir.to_string_lossy())
+        })
+        .map(|(n, p)| format!("{n} pid {p}"))
+        .collect()
 }
 
 /// What [`down`] removed.

@@ -129,20 +129,26 @@ pub async fn start_node(lab: &mut Lab, name: &str, opts: &NodeOpts) -> anyhow::R
             ("NSM_LOG_LEVEL", ll.clone()),
         ],
     )?;
+    start_forwarder(lab, &node, opts).await?;
+    Ok(node)
+}
+
+/// Starts (or restarts) the node's forwarder and waits until it is
+/// registered.
+pub async fn start_forwarder(lab: &mut Lab, node: &Node, opts: &NodeOpts) -> anyhow::Result<()> {
     lab.spawn(
         &node.forwarder_name,
-        &netns,
+        &node.netns,
         "forwarder",
         &[
             ("NSM_NAME", node.forwarder_name.clone()),
-            ("NSM_LISTEN_ON", forwarder_url.to_string()),
-            ("NSM_CONNECT_TO", nsmgr_url.to_string()),
+            ("NSM_LISTEN_ON", node.forwarder_url.to_string()),
+            ("NSM_CONNECT_TO", node.nsmgr_url.to_string()),
             ("NSM_MAX_TOKEN_LIFETIME", opts.max_token_lifetime.clone()),
-            ("NSM_LOG_LEVEL", ll),
+            ("NSM_LOG_LEVEL", opts.log_level.clone()),
         ],
     )?;
-    wait_registered(lab, &node, &node.forwarder_name, Duration::from_secs(20)).await?;
-    Ok(node)
+    wait_registered(lab, node, &node.forwarder_name, Duration::from_secs(20)).await
 }
 
 /// Starts an icmp-responder endpoint in its own pod namespace on `node`,

@@ -189,15 +189,35 @@ pub async fn run(
     let server = tokio::spawn(daemon::serve(router, listeners, shutdown, Duration::from_secs(5)));
 
     let registry = RemoteRegistry::new(cfg.connect_to.clone(), ChannelPool::new(cfg.dial_timeout));
-    let ctx = Context::with_timeout(Duration::from_secs(15));
-    if cfg.register_service {
-        for s in &cfg.service_names {
-            let ns = NetworkService { name: s.clone(), payload: cfg.payload.clone(), ..Default::default() };
-            NsRegistry::register(&registry, &ctx, ns)
+    let services: Vec<NetworkService> = cfg
+        .service_names
+        .iter()
+        .map(|s| NetworkService { name: s.clone(), payload: cfg.payload.clone(), ..Default::default() })
+        .collect();
+    let _ns_refresh = if cfg.register_service {
+        for ns in &services {
+            let ctx = Context::with_timeout(Duration::from_secs(15));
+            NsRegistry::register(&registry, &ctx, ns.clone())
                 .await
-                .map_err(|e| anyhow::anyhow!("registering network service {s:?}: {}", e.message()))?;
+                .map_err(|e| anyhow::anyhow!("registering network service {:?}: {}", ns.name, e.message()))?;
         }
-    }
+        // Service records have no expiry, but a restarted in-memory registry
+        // forgets them: re-register them as often as the endpoint refreshes.
+        let (reg, every) = (registry.clone(), cfg.registry_refresh);
+        Some(nsm_sdk::networkservice::timeout::AbortOnDrop::new(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                for ns in &services {
+                    let ctx = Context::with_timeout(Duration::from_secs(15));
+                    if let Err(e) = NsRegistry::register(&reg, &ctx, ns.clone()).await {
+                        tracing::warn!(service = %ns.name, error = %e.message(), "re-registering the network service failed");
+                    }
+                }
+            }
+        })))
+    } else {
+        None
+    };
     let me = NetworkServiceEndpoint {
         name: cfg.name.clone(),
         network_service_names: cfg.service_names.clone(),

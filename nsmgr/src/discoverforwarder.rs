@@ -26,7 +26,9 @@ use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_api::registry::{NetworkService, NetworkServiceEndpoint};
 use nsm_sdk::networkservice::chain::conn_mut;
 use nsm_sdk::networkservice::{Context, Element, Next};
-use nsm_sdk::registry::{NsRegistry, NseRegistry, find_ns, find_nses};
+use nsm_sdk::registry::{NsRegistry, find_ns, find_nses};
+
+use crate::registry::NseRelay;
 use nsm_sdk::tools::grpc::parse_url;
 use nsm_sdk::tools::matchutils::match_forwarders;
 use tonic::Status;
@@ -37,7 +39,7 @@ struct ChosenForwarder(String);
 /// The `discoverforwarder` element.
 pub struct DiscoverForwarder {
     ns: Arc<dyn NsRegistry>,
-    nse: Arc<dyn NseRegistry>,
+    nse: Arc<NseRelay>,
     service: String,
     public_url: String,
 }
@@ -45,7 +47,7 @@ pub struct DiscoverForwarder {
 impl DiscoverForwarder {
     /// Looks services up in `ns`, forwarders (endpoints of `service`
     /// registered with `public_url`) in `nse`.
-    pub fn new(ns: Arc<dyn NsRegistry>, nse: Arc<dyn NseRegistry>, service: &str, public_url: &str) -> Arc<Self> {
+    pub fn new(ns: Arc<dyn NsRegistry>, nse: Arc<NseRelay>, service: &str, public_url: &str) -> Arc<Self> {
         Arc::new(DiscoverForwarder { ns, nse, service: service.to_string(), public_url: public_url.to_string() })
     }
 }
@@ -86,7 +88,13 @@ impl Element for DiscoverForwarder {
             name: remembered.as_ref().map(|r| r.0.clone()).unwrap_or_default(),
             ..Default::default()
         };
-        let all = find_nses(self.nse.as_ref(), ctx, query).await?;
+        // The query's URL is a substring match; keep exactly the forwarders
+        // registered through this nsmgr.
+        let all: Vec<_> = find_nses(self.nse.as_ref(), ctx, query)
+            .await?
+            .into_iter()
+            .filter(|f| self.nse.is_local(&f.name))
+            .collect();
         let labels: HashMap<String, String> = conn.labels.clone().into_iter().collect();
         let mut cands = match_forwarders(&labels, &ns, &self.service, &all);
         if cands.is_empty() {

@@ -93,6 +93,11 @@ pub struct Config {
     /// Cluster name (label `clusterName`).
     #[arg(long, env = "CLUSTER_NAME", default_value = "")]
     pub cluster_name: String,
+    /// How to treat a local client whose pid the nsmgr cannot see (so its
+    /// netns claim cannot be verified): `strict` refuses, `lenient` trusts
+    /// the claim. Run the nsmgr with hostPID to verify every client.
+    #[arg(long, env = "NSM_CLIENT_NETNS_CHECK", value_enum, default_value = "strict")]
+    pub client_netns_check: netnsowner::Verify,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -191,7 +196,7 @@ pub fn build(cfg: &Config, public: &Url) -> anyhow::Result<(RouterFut, Handles)>
         // Record the caller's token expiry, mint ours.
         UpdateToken::new(tokens.clone()),
         // A client may only ask for interfaces in its own netns.
-        netnsowner::NetnsOwner::new(),
+        netnsowner::NetnsOwner::new(cfg.client_netns_check),
         // Close connections whose client stopped refreshing.
         Timeout::new(cfg.max_token_lifetime),
         // Feed MonitorConnections.

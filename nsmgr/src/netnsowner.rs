@@ -6,11 +6,18 @@
 //! the nsmgr — the only hop that sees the client's socket — checks the claim:
 //!
 //! # Guarantees
-//! - When the caller's pid is visible (unix socket, same or host PID
-//!   namespace), a claimed `netnsInode` (or `inode://dev/ino` `inodeURL`)
-//!   must equal the inode of `/proc/<pid>/ns/net`; otherwise
-//!   `PermissionDenied`. A request with no claim gets the caller's inode
-//!   filled in.
+//! - Every KERNEL mechanism is checked, whatever its `cls` says.
+//! - KERNEL requests must come over the unix socket: a TCP caller is on
+//!   another node and cannot own a network namespace here
+//!   (`PermissionDenied`).
+//! - When the caller's pid is visible (same or host PID namespace), a
+//!   claimed `netnsInode` (or `inode://dev/ino` `inodeURL`) must equal the
+//!   inode of `/proc/<pid>/ns/net`; otherwise `PermissionDenied`. A request
+//!   with no claim gets the caller's inode filled in.
+//! - When the pid is not visible (the nsmgr runs in its own PID namespace),
+//!   the claim cannot be checked: [`Verify::Strict`] (the default) refuses
+//!   with a message saying how to fix the deployment (run the nsmgr with
+//!   `hostPID`); [`Verify::Lenient`] accepts the claim and logs a warning.
 //! - The first successful Request records the netns as the connection's
 //!   owner; a later Request for the same connection from another netns is
 //!   `PermissionDenied` naming both. (A sidecar taking over an init
@@ -27,7 +34,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use nsm_api::connection::{Connection, Mechanism};
-use nsm_api::mechanisms::{cls, kernel};
+use nsm_api::mechanisms::kernel;
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_sdk::networkservice::chain::conn_mut;
 use nsm_sdk::networkservice::{Context, Element, Next};
@@ -36,18 +43,29 @@ use tonic::Status;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Owner(u64);
 
+/// What to do when the caller's pid is not visible to the nsmgr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Verify {
+    /// Refuse: the netns claim cannot be checked.
+    Strict,
+    /// Accept the claim and log a warning.
+    Lenient,
+}
+
 /// The `netnsowner` element.
-pub struct NetnsOwner;
+pub struct NetnsOwner {
+    verify: Verify,
+}
 
 impl NetnsOwner {
     /// A new element.
-    pub fn new() -> Arc<NetnsOwner> {
-        Arc::new(NetnsOwner)
+    pub fn new(verify: Verify) -> Arc<NetnsOwner> {
+        Arc::new(NetnsOwner { verify })
     }
 }
 
-fn is_local_kernel(m: &Mechanism) -> bool {
-    m.r#type == kernel::MECHANISM && (m.cls.is_empty() || m.cls == cls::LOCAL)
+fn is_kernel(m: &Mechanism) -> bool {
+    m.r#type == kernel::MECHANISM
 }
 
 /// The netns inode a KERNEL mechanism claims, if any.
@@ -87,11 +105,36 @@ impl Element for NetnsOwner {
         let caller = caller_inode(ctx);
         let mut owner: Option<u64> = None;
         let conn_id = conn_mut(&mut req).id.clone();
+        let any_kernel = req
+            .mechanism_preferences
+            .iter()
+            .chain(req.connection.as_ref().and_then(|c| c.mechanism.as_ref()))
+            .any(is_kernel);
+        if any_kernel {
+            if let Some(addr) = ctx.peer.addr {
+                return Err(Status::permission_denied(format!(
+                    "KERNEL interfaces are only set up for clients on this node's unix socket; {addr} called over TCP"
+                )));
+            }
+            if caller.is_none() {
+                match self.verify {
+                    Verify::Strict => {
+                        return Err(Status::permission_denied(
+                            "cannot verify the client's network namespace: the nsmgr does not see the caller's pid \
+                             (run the nsmgr in the host PID namespace, hostPID: true, or set NSM_CLIENT_NETNS_CHECK=lenient)",
+                        ));
+                    }
+                    Verify::Lenient => {
+                        tracing::warn!(conn_id = %conn_id, "caller pid not visible: trusting the client's netns claim (NSM_CLIENT_NETNS_CHECK=lenient)");
+                    }
+                }
+            }
+        }
         let mechs = req
             .mechanism_preferences
             .iter_mut()
             .chain(req.connection.as_mut().and_then(|c| c.mechanism.as_mut()))
-            .filter(|m| is_local_kernel(m));
+            .filter(|m| is_kernel(m));
         for m in mechs {
             let claimed = claimed_inode(m)?;
             match (claimed, caller) {
@@ -184,7 +227,7 @@ mod tests {
     #[tokio::test]
     async fn fills_in_and_accepts_own_netns() {
         let seen = Arc::new(Seen(Default::default()));
-        let chain = Chain::new(vec![Begin::new(), Metadata::new(), NetnsOwner::new(), seen.clone()]);
+        let chain = Chain::new(vec![Begin::new(), Metadata::new(), NetnsOwner::new(Verify::Strict), seen.clone()]);
         chain.request(&mut own_ctx(), req("a", None)).await.unwrap();
         assert_eq!(seen.0.lock().unwrap().clone(), Some(own_inode().to_string()));
         chain.request(&mut own_ctx(), req("b", Some(&own_inode().to_string()))).await.unwrap();
@@ -192,7 +235,7 @@ mod tests {
 
     #[tokio::test]
     async fn spoofed_netns_is_refused() {
-        let chain = Chain::new(vec![NetnsOwner::new()]);
+        let chain = Chain::new(vec![NetnsOwner::new(Verify::Strict)]);
         let e = chain.request(&mut own_ctx(), req("a", Some("12345"))).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(e.message().contains("12345"), "{}", e.message());
@@ -201,9 +244,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn tcp_callers_and_invisible_pids_are_refused_when_strict() {
+        let chain = Chain::new(vec![NetnsOwner::new(Verify::Strict)]);
+        let mut tcp = Context::default();
+        tcp.peer.addr = Some("10.0.0.9:40000".parse().unwrap());
+        let e = chain.request(&mut tcp, req("a", Some("111"))).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("TCP"), "{}", e.message());
+        let e = chain.request(&mut Context::default(), req("a", Some("111"))).await.unwrap_err();
+        assert!(e.message().contains("hostPID"), "{}", e.message());
+        // cls=REMOTE does not smuggle a KERNEL mechanism past the check.
+        let mut r = req("a", Some("12345"));
+        r.mechanism_preferences[0].cls = "REMOTE".into();
+        let e = chain.request(&mut own_ctx(), r).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[tokio::test]
     async fn another_netns_cannot_take_over_a_connection() {
-        let chain = Chain::new(vec![Begin::new(), Metadata::new(), NetnsOwner::new()]);
-        // No visible caller pid (e.g. TCP): the claim is trusted and recorded.
+        let chain = Chain::new(vec![Begin::new(), Metadata::new(), NetnsOwner::new(Verify::Lenient)]);
+        // Lenient and no visible caller pid: the claim is trusted and recorded.
         chain.request(&mut Context::default(), req("a", Some("111"))).await.unwrap();
         chain.request(&mut Context::default(), req("a", Some("111"))).await.unwrap();
         let e = chain.request(&mut Context::default(), req("a", Some("222"))).await.unwrap_err();

@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -23,6 +23,7 @@ use nsm_sdk::networkservice::Context;
 use nsm_sdk::registry::expire::capped;
 use nsm_sdk::registry::{NseRegistry, NseStream};
 use nsm_sdk::tools::grpc::parse_url;
+use nsm_sdk::tools::token;
 use tonic::Status;
 
 /// The relay in front of the real endpoint registry.
@@ -32,7 +33,15 @@ pub struct NseRelay {
     labels: BTreeMap<String, String>,
     period: Duration,
     /// localbypass: endpoint name → the URL it registered with.
-    local: Arc<Mutex<HashMap<String, String>>>,
+    local: Arc<Mutex<HashMap<String, Local>>>,
+}
+
+/// An endpoint registered through this nsmgr.
+#[derive(Clone, Debug)]
+struct Local {
+    url: String,
+    /// When the registration lapses without a refresh.
+    expires: Option<SystemTime>,
 }
 
 impl NseRelay {
@@ -52,7 +61,17 @@ impl NseRelay {
     }
 
     fn local_url(&self, name: &str) -> Option<String> {
-        self.local.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+        self.local.lock().unwrap_or_else(|e| e.into_inner()).get(name).map(|l| l.url.clone())
+    }
+
+    /// True if `name` registered through this nsmgr and has not lapsed.
+    pub fn is_local(&self, name: &str) -> bool {
+        let now = SystemTime::now();
+        self.local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .is_some_and(|l| l.expires.is_none_or(|t| t > now))
     }
 }
 
@@ -74,10 +93,18 @@ impl NseRegistry for NseRelay {
                 l.labels.entry(k.clone()).or_insert_with(|| v.clone());
             }
         }
-        nse.expiration_time = Some(capped(nse.expiration_time.as_ref(), self.period));
+        let exp = capped(nse.expiration_time.as_ref(), self.period);
+        let expires = token::from_timestamp(&exp);
+        nse.expiration_time = Some(exp);
         let real = std::mem::replace(&mut nse.url, self.public_url.clone());
         let name = nse.name.clone();
-        self.local.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), real.clone());
+        {
+            let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+            // Forget endpoints that stopped refreshing (they crashed).
+            let now = SystemTime::now();
+            local.retain(|_, l| l.expires.is_none_or(|t| t > now));
+            local.insert(name.clone(), Local { url: real.clone(), expires });
+        }
         match self.inner.register(ctx, nse).await {
             Ok(mut stored) => {
                 stored.url = real;
@@ -104,7 +131,7 @@ impl NseRegistry for NseRelay {
                     Err(e) => return Some(Err(e)),
                 };
                 let Some(nse) = r.network_service_endpoint.as_mut() else { return Some(Ok(r)) };
-                let real = local.lock().unwrap_or_else(|e| e.into_inner()).get(&nse.name).cloned();
+                let real = local.lock().unwrap_or_else(|e| e.into_inner()).get(&nse.name).map(|l| l.url.clone());
                 if let Some(real) = real {
                     nse.url = real;
                 } else if !r.deleted && nse.url == public {
@@ -164,8 +191,10 @@ mod tests {
         // ... and Find through this nsmgr gives the local URL back.
         let found = find_nses(r.as_ref(), &ctx, NetworkServiceEndpoint::default()).await.unwrap();
         assert_eq!(found[0].url, "unix:///run/e1.sock");
+        assert!(r.is_local("e1"));
         r.unregister(&ctx, nse("e1", "unix:///run/e1.sock")).await.unwrap();
         assert_eq!(r.local_len(), 0);
+        assert!(!r.is_local("e1"));
         assert!(find_nses(&store, &ctx, NetworkServiceEndpoint::default()).await.unwrap().is_empty());
     }
 
@@ -182,6 +211,18 @@ mod tests {
         let names: Vec<_> = found.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names, ["remote"]);
         assert_eq!(found[0].url, "tcp://10.0.0.2:5001");
+    }
+
+    #[tokio::test]
+    async fn lapsed_local_endpoints_are_forgotten() {
+        let store = MemoryRegistry::new();
+        let r = NseRelay::new(Arc::new(store.clone()), PUBLIC, BTreeMap::new(), Duration::from_millis(50));
+        r.register(&Context::default(), nse("crashed", "unix:///c.sock")).await.unwrap();
+        assert!(r.is_local("crashed"));
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(!r.is_local("crashed"));
+        r.register(&Context::default(), nse("other", "unix:///o.sock")).await.unwrap();
+        assert_eq!(r.local_len(), 1, "the lapsed entry is pruned");
     }
 
     #[tokio::test]

@@ -4,8 +4,9 @@
 //! (default `tcp://:5002`), endpoint registrations capped at
 //! `NSM_EXPIRE_PERIOD` (default 1m).
 //!
-//! State lives only in memory: after a restart, endpoints and nsmgrs
-//! re-register on their next refresh (at most 2/3 of the expire period).
+//! State lives only in memory: after a restart, endpoints and forwarders
+//! re-register on their next refresh (at most 2/3 of the expire period), and
+//! endpoints re-register their network services on the same cadence.
 
 use std::sync::Arc;
 use std::time::Duration;

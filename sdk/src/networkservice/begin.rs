@@ -11,7 +11,9 @@
 //!   anew.
 //! - On success the returned connection's `state` is `UP` and is remembered;
 //!   a failed *first* Request forgets the connection entirely.
-//! - Close of an unknown id is a no-op that succeeds. Close of a known id runs
+//! - Close of an unknown id is a no-op that succeeds (or, with
+//!   [`Begin::passing_unknown_closes`], runs the rest of the chain with the
+//!   caller's copy so kernel state from before a restart is removed). Close of a known id runs
 //!   the rest of the chain with the last connection this hop returned (a
 //!   caller may send a stale or partial copy) and then forgets the id.
 //! - [`EventFactory`] lets later elements schedule a Close or a refresh of the
@@ -44,6 +46,7 @@ pub const EVENT_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Default)]
 pub struct Begin {
     state: Arc<BeginState>,
+    pass_unknown_close: bool,
 }
 
 #[derive(Default)]
@@ -73,6 +76,14 @@ impl Begin {
     /// A new `begin` element.
     pub fn new() -> Arc<Begin> {
         Arc::new(Begin::default())
+    }
+
+    /// A `begin` that passes a Close of an *unknown* connection down the
+    /// chain instead of ignoring it, for components that keep kernel state
+    /// which outlives the process (the forwarder after a restart can then
+    /// still remove the interfaces it made before).
+    pub fn passing_unknown_closes() -> Arc<Begin> {
+        Arc::new(Begin { pass_unknown_close: true, ..Begin::default() })
     }
 
     /// Number of connections currently tracked (for leak tests and metrics).
@@ -132,13 +143,15 @@ impl Element for Begin {
             if reselect && let Some(old) = slot.conn.take() {
                 tracing::info!(conn_id = %id, "reselect requested: closing the previous downstream connection");
                 let mut cctx = ctx.detached(EVENT_TIMEOUT);
-                cctx.events = Some(self.factory(&id, &next));
+                cctx.events = Some(self.factory(&id, &next, slot.generation));
                 if let Err(e) = next.clone().close(&mut cctx, old).await {
                     tracing::warn!(conn_id = %id, error = %e.message(), "closing before reselect failed; continuing");
                 }
                 slot.request = None;
             }
-            ctx.events = Some(self.factory(&id, &next));
+            // Events armed during this Request belong to the generation it
+            // will establish; older ones are stale once it succeeds.
+            ctx.events = Some(self.factory(&id, &next, slot.generation + 1));
             let first = slot.conn.is_none();
             match next.request(ctx, req.clone()).await {
                 Ok(mut conn) => {
@@ -162,6 +175,10 @@ impl Element for Begin {
     async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
         let id = conn.id.clone();
         let Some(entry) = self.state.existing(&id) else {
+            if self.pass_unknown_close {
+                tracing::info!(conn_id = %id, "close of a connection this process does not know: cleaning up by name");
+                return next.close(ctx, conn).await;
+            }
             tracing::debug!(conn_id = %id, "close of an unknown connection: nothing to do");
             return Ok(());
         };
@@ -172,14 +189,14 @@ impl Element for Begin {
         slot.dead = true;
         self.state.remove(&id, &entry);
         let Some(last) = slot.conn.take() else { return Ok(()) };
-        ctx.events = Some(self.factory(&id, &next));
+        ctx.events = Some(self.factory(&id, &next, slot.generation));
         next.close(ctx, last).await
     }
 }
 
 impl Begin {
-    fn factory(&self, id: &str, next: &Next) -> EventFactory {
-        EventFactory { id: id.to_string(), state: Arc::downgrade(&self.state), next: next.clone() }
+    fn factory(&self, id: &str, next: &Next, generation: u64) -> EventFactory {
+        EventFactory { id: id.to_string(), state: Arc::downgrade(&self.state), next: next.clone(), generation }
     }
 }
 
@@ -188,6 +205,8 @@ impl Begin {
 #[derive(Clone)]
 pub struct EventFactory {
     id: String,
+    /// The generation of the connection this factory was handed out for.
+    generation: u64,
     state: Weak<BeginState>,
     next: Next,
 }
@@ -215,6 +234,10 @@ impl EventFactory {
             if slot.dead {
                 return;
             }
+            if slot.generation != this.generation {
+                tracing::debug!(conn_id = %this.id, reason, "dropping a stale close: the connection was refreshed since");
+                return;
+            }
             slot.dead = true;
             state.remove(&this.id, &entry);
             let Some(conn) = slot.conn.take() else { return };
@@ -240,12 +263,20 @@ impl EventFactory {
             if slot.dead {
                 return Err(gone());
             }
+            if slot.generation != this.generation {
+                return Err(Status::aborted(format!(
+                    "connection {} changed since this refresh was scheduled",
+                    this.id
+                )));
+            }
             let mut req = slot.request.clone().ok_or_else(gone)?;
             if let Some(conn) = &slot.conn {
                 req.connection = Some(conn.clone());
             }
             let mut ctx = Context::with_timeout(EVENT_TIMEOUT);
-            ctx.events = Some(this.clone());
+            let mut next_factory = this.clone();
+            next_factory.generation += 1;
+            ctx.events = Some(next_factory);
             let mut conn = this.next.clone().request(&mut ctx, req.clone()).await?;
             conn.state = State::Up as i32;
             slot.conn = Some(conn.clone());
@@ -259,6 +290,28 @@ impl EventFactory {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn stale_events_do_not_touch_a_refreshed_connection() {
+        let begin = Begin::new();
+        let log = Record::log();
+        let grab = crate::testing::GrabEvents::default();
+        let chain = Chain::new(vec![begin.clone(), Arc::new(grab.clone()), Record::new("r", &log)]);
+        chain.request(&mut Context::default(), request_with_id("a")).await.unwrap();
+        let old = grab.get().unwrap();
+        // A caller refresh establishes a new generation ...
+        chain.request(&mut Context::default(), request_with_id("a")).await.unwrap();
+        // ... so a timer armed for the old one must not close it.
+        old.close("stale timeout");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(begin.len(), 1, "stale close took effect");
+        assert!(!log.lock().unwrap().contains(&"close r".to_string()));
+        assert_eq!(old.refresh().await.unwrap().unwrap_err().code(), tonic::Code::Aborted);
+        // The current generation's factory works.
+        grab.get().unwrap().close("current timeout");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(begin.len(), 0);
+    }
 
     use super::*;
     use crate::networkservice::chain::Chain;
@@ -281,6 +334,14 @@ mod tests {
         let chain2 = Chain::new(vec![begin.clone(), Record::new("r", &log)]);
         chain2.close(&mut Context::default(), Connection { id: "a".into(), ..Default::default() }).await.unwrap();
         assert!(log.lock().unwrap().is_empty(), "close of unknown id must not reach the chain");
+    }
+
+    #[tokio::test]
+    async fn unknown_close_can_pass_through() {
+        let log = Record::log();
+        let chain = Chain::new(vec![Begin::passing_unknown_closes(), Record::new("r", &log)]);
+        chain.close(&mut Context::default(), Connection { id: "gone".into(), ..Default::default() }).await.unwrap();
+        assert_eq!(*log.lock().unwrap(), ["close r"]);
     }
 
     #[tokio::test]
@@ -353,6 +414,8 @@ mod tests {
         chain.request(&mut Context::default(), request_with_id("a")).await.unwrap();
         let ef = grab.get().unwrap();
         ef.refresh().await.unwrap().unwrap();
+        // The refresh handed out a factory for the new generation.
+        let ef = grab.get().unwrap();
         ef.close("test");
         ef.close("test again");
         tokio::time::sleep(Duration::from_millis(50)).await;

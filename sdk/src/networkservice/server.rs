@@ -5,6 +5,14 @@
 //! default [`DEFAULT_CALL_TIMEOUT`]), its unix credentials or address, and
 //! its metadata; one `info` log line per call says what happened and how
 //! long it took, with the connection id and service as span fields.
+//!
+//! # Cancellation
+//! tonic drops a handler's future when the caller cancels or its deadline
+//! passes. A chain dropped half way would skip every element's cleanup
+//! (which runs on the error path), leaving interfaces, leases and state
+//! behind. So each call runs in its own task that always finishes (bounded
+//! by the deadline the downstream calls carry), and a Request that succeeds
+//! after its caller has gone is closed again at once.
 
 use std::time::Instant;
 
@@ -65,32 +73,121 @@ impl NetworkService for ChainServer {
         let req = r.into_inner();
         let (id, svc) = req.connection.as_ref().map(|c| (c.id.clone(), c.network_service.clone())).unwrap_or_default();
         let span = tracing::info_span!("request", conn_id = %id, service = %svc);
-        let t0 = Instant::now();
-        let res = self.chain.request(&mut ctx, req).instrument(span.clone()).await;
-        let _g = span.enter();
-        match &res {
-            Ok(c) => tracing::info!(
-                took = ?t0.elapsed(),
-                nse = %c.network_service_endpoint_name,
-                path = %summary(c),
-                "request ok"
-            ),
-            Err(e) => tracing::warn!(took = ?t0.elapsed(), code = ?e.code(), error = %e.message(), "request failed"),
-        }
-        res.map(Response::new)
+        let chain = self.chain.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(
+            async move {
+                let t0 = Instant::now();
+                let res = chain.request(&mut ctx, req).await;
+                match &res {
+                    Ok(c) => tracing::info!(
+                        took = ?t0.elapsed(),
+                        nse = %c.network_service_endpoint_name,
+                        path = %summary(c),
+                        "request ok"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(took = ?t0.elapsed(), code = ?e.code(), error = %e.message(), "request failed")
+                    }
+                }
+                if let Err(Ok(conn)) = tx.send(res) {
+                    tracing::warn!("the caller went away before the answer; closing the connection it would have got");
+                    let mut cctx = Context::with_timeout(DEFAULT_CALL_TIMEOUT);
+                    if let Err(e) = chain.close(&mut cctx, conn).await {
+                        tracing::warn!(error = %e.message(), "closing the abandoned connection failed");
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        rx.await.unwrap_or_else(|_| Err(Status::internal("request task ended without an answer"))).map(Response::new)
     }
 
     async fn close(&self, r: Request<Connection>) -> Result<Response<()>, Status> {
         let mut ctx = context_of(&r);
         let conn = r.into_inner();
         let span = tracing::info_span!("close", conn_id = %conn.id, service = %conn.network_service);
-        let t0 = Instant::now();
-        let res = self.chain.close(&mut ctx, conn).instrument(span.clone()).await;
-        let _g = span.enter();
-        match &res {
-            Ok(()) => tracing::info!(took = ?t0.elapsed(), "close ok"),
-            Err(e) => tracing::warn!(took = ?t0.elapsed(), code = ?e.code(), error = %e.message(), "close failed"),
+        let chain = self.chain.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(
+            async move {
+                let t0 = Instant::now();
+                let res = chain.close(&mut ctx, conn).await;
+                match &res {
+                    Ok(()) => tracing::info!(took = ?t0.elapsed(), "close ok"),
+                    Err(e) => {
+                        tracing::warn!(took = ?t0.elapsed(), code = ?e.code(), error = %e.message(), "close failed")
+                    }
+                }
+                let _ = tx.send(res);
+            }
+            .instrument(span),
+        );
+        rx.await.unwrap_or_else(|_| Err(Status::internal("close task ended without an answer"))).map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use nsm_api::networkservice::network_service_client::NetworkServiceClient;
+
+    use super::*;
+    use crate::networkservice::chain::{Element, Next};
+    use crate::testing::{Record, request_with_id};
+    use crate::tools::grpc::{Listeners, dial, parse_url};
+
+    struct Sleep(Duration);
+
+    #[async_trait]
+    impl Element for Sleep {
+        fn name(&self) -> &'static str {
+            "sleep"
         }
-        res.map(Response::new)
+        async fn request(
+            &self,
+            ctx: &mut Context,
+            req: NetworkServiceRequest,
+            next: Next,
+        ) -> Result<Connection, Status> {
+            tokio::time::sleep(self.0).await;
+            next.request(ctx, req).await
+        }
+        async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
+            next.close(ctx, conn).await
+        }
+    }
+
+    /// A caller that gives up mid-request must not leave the chain half
+    /// done: the chain finishes, and what it built is closed again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_request_is_finished_and_rolled_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = parse_url(&format!("unix://{}/s.sock", dir.path().display())).unwrap();
+        let log = Record::log();
+        let chain = Chain::new(vec![Record::new("r", &log), Arc::new(Sleep(Duration::from_millis(300)))]);
+        let listeners = Listeners::bind(std::slice::from_ref(&url)).await.unwrap();
+        let router = tonic::transport::Server::builder().add_service(ChainServer::new(chain).into_service());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(crate::tools::daemon::serve(
+            router,
+            listeners,
+            async move {
+                let _ = stop_rx.await;
+            },
+            Duration::from_secs(1),
+        ));
+        let ch = dial(&url, Duration::from_secs(1)).await.unwrap();
+        let mut r = tonic::Request::new(request_with_id("c1"));
+        r.set_timeout(Duration::from_millis(50));
+        let e = NetworkServiceClient::new(ch).request(r).await.unwrap_err();
+        assert!(matches!(e.code(), tonic::Code::Cancelled | tonic::Code::DeadlineExceeded), "{e:?}");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(*log.lock().unwrap(), ["r>", "<r", "close r"], "finished, then rolled back");
+        let _ = stop_tx.send(());
+        server.await.unwrap().unwrap();
     }
 }
