@@ -93,17 +93,14 @@ pub async fn run(lab: &mut Lab, opts: &DemoOpts) -> anyhow::Result<()> {
     if opts.keep {
         // A sidecar adopts the init container's connection and keeps it
         // refreshed, as in a Kubernetes pod.
-        lab.spawn_args(
+        mesh::spawn_nsc_sidecar(
+            lab,
             "nsc1-sidecar",
+            &node,
             &client_ns,
             "nsc",
-            &["run"],
-            &[
-                ("NSM_NAME", "nsc".into()),
-                ("NSM_CONNECT_TO", node.nsmgr_url.to_string()),
-                ("NSM_NETWORK_SERVICES", "kernel://icmp-responder/nsm-1".into()),
-                ("NSM_LOG_LEVEL", opts.log_level.clone()),
-            ],
+            "kernel://icmp-responder/nsm-1",
+            &[("NSM_LOG_LEVEL", opts.log_level.clone())],
         )?;
         crate::say!();
         crate::say!("The lab stays up (a client sidecar keeps the connection refreshed). Try:");

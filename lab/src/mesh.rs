@@ -266,3 +266,31 @@ pub fn ping(lab: &Lab, netns: &str, ifname: &str, dst: &str, count: u32) -> anyh
         lab.exec(netns, &["ping", "-c", &c, "-i", "0.2", "-W", "2", "-I", ifname, dst], Duration::from_secs(30))?;
     Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).to_string()))
 }
+
+/// Starts `nsc run` in `netns` as daemon `daemon` (a client sidecar that
+/// adopts connections of the same `name` and keeps them refreshed).
+pub fn spawn_nsc_sidecar(
+    lab: &mut Lab,
+    daemon: &str,
+    node: &Node,
+    netns: &str,
+    name: &str,
+    nsurls: &str,
+    extra: &[(&str, String)],
+) -> anyhow::Result<()> {
+    let mut env = vec![
+        ("NSM_NAME", name.to_string()),
+        ("NSM_CONNECT_TO", node.nsmgr_url.to_string()),
+        ("NSM_NETWORK_SERVICES", nsurls.to_string()),
+    ];
+    env.extend(extra.iter().cloned());
+    lab.spawn_args(daemon, netns, "nsc", &["run"], &env)
+}
+
+/// A lab for test `test`, with a prefix unique to this process and test so
+/// tests run in parallel (namespaces are `<prefix>-<name>`).
+pub fn test_lab(test: &str) -> Lab {
+    let prefix = format!("t{}{}", std::process::id() % 100000, &test[..test.len().min(6)]);
+    #[allow(clippy::expect_used)]
+    Lab::new(&prefix, crate::default_bin_dir().expect("workspace binaries")).expect("lab")
+}

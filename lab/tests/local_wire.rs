@@ -9,14 +9,8 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use nsm_lab::Lab;
 use nsm_lab::mesh::{self, NodeOpts, connections, links, nsc_init, ping};
-use nsm_lab::{Lab, default_bin_dir};
-
-fn lab(test: &str) -> Lab {
-    // Short, unique prefixes: namespaces are `<prefix>-<name>`.
-    let prefix = format!("t{}{}", std::process::id() % 100000, &test[..test.len().min(6)]);
-    Lab::new(&prefix, default_bin_dir().expect("workspace binaries")).expect("lab")
-}
 
 fn ip_of(cidr: &str) -> String {
     cidr.split('/').next().unwrap_or_default().to_string()
@@ -42,7 +36,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_ping_refresh_close() {
-    let mut lab = lab("basic");
+    let mut lab = mesh::test_lab("basic");
     let node = mesh::start_node(&mut lab, "node1", &NodeOpts::default()).await.unwrap();
     let nse = mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.1.100/31", &[]).await.unwrap();
     let client = lab.add_netns("nsc1").unwrap();
@@ -74,15 +68,14 @@ async fn request_ping_refresh_close() {
 
     // Refresh: a sidecar with the same name adopts and re-requests the same
     // connection; the interface stays the same (same ifindex).
-    lab.spawn_args(
+    mesh::spawn_nsc_sidecar(
+        &mut lab,
         "sidecar",
+        &node,
         &client,
         "nsc",
-        &["run"],
+        "kernel://icmp-responder/nsm-1",
         &[
-            ("NSM_NAME", "nsc".into()),
-            ("NSM_CONNECT_TO", node.nsmgr_url.to_string()),
-            ("NSM_NETWORK_SERVICES", "kernel://icmp-responder/nsm-1".into()),
             // Tokens of 2 s: the sidecar refreshes every ~400 ms.
             ("NSM_MAX_TOKEN_LIFETIME", "2s".into()),
         ],
@@ -108,7 +101,7 @@ async fn request_ping_refresh_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_clients() {
-    let mut lab = lab("fifty");
+    let mut lab = mesh::test_lab("fifty");
     let node = mesh::start_node(&mut lab, "node1", &NodeOpts { log_level: "WARN".into(), ..Default::default() })
         .await
         .unwrap();
@@ -167,7 +160,7 @@ async fn fifty_concurrent_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unhappy_paths_have_clear_errors_and_leave_nothing() {
-    let mut lab = lab("unhap");
+    let mut lab = mesh::test_lab("unhap");
     let node = mesh::start_node(&mut lab, "node1", &NodeOpts { expire_period: "3s".into(), ..Default::default() })
         .await
         .unwrap();

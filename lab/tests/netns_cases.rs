@@ -7,12 +7,6 @@ use std::time::{Duration, Instant};
 
 use nsm_lab::env::output_with_timeout;
 use nsm_lab::mesh::{self, NodeOpts, NscSummary, connections};
-use nsm_lab::{Lab, default_bin_dir};
-
-fn lab(test: &str) -> Lab {
-    let prefix = format!("t{}{}", std::process::id() % 100000, &test[..test.len().min(6)]);
-    Lab::new(&prefix, default_bin_dir().expect("workspace binaries")).expect("lab")
-}
 
 /// A Kubernetes-style pod sandbox: a "pause" process that holds a fresh
 /// network namespace (in its own PID namespace). The namespace is not
@@ -70,7 +64,7 @@ impl Drop for Pause {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_container_in_own_pid_namespace_that_exits() {
-    let mut lab = lab("initc");
+    let mut lab = mesh::test_lab("initc");
     let node = mesh::start_node(&mut lab, "node1", &NodeOpts::default()).await.unwrap();
     mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.3.0/31", &[]).await.unwrap();
     let pod = Pause::start();
@@ -121,7 +115,7 @@ async fn init_container_in_own_pid_namespace_that_exits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dual_stack_addresses_and_ipv6_without_dad() {
-    let mut lab = lab("dual");
+    let mut lab = mesh::test_lab("dual");
     let node = mesh::start_node(&mut lab, "node1", &NodeOpts::default()).await.unwrap();
     let nse =
         mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "10.60.0.0/24,fd00:60::/64", &[]).await.unwrap();

@@ -8,13 +8,8 @@
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use nsm_lab::Lab;
 use nsm_lab::mesh::{self, NodeOpts, connections, links, nsc_init, ping};
-use nsm_lab::{Lab, default_bin_dir};
-
-fn lab(test: &str) -> Lab {
-    let prefix = format!("t{}{}", std::process::id() % 100000, &test[..test.len().min(6)]);
-    Lab::new(&prefix, default_bin_dir().expect("workspace binaries")).expect("lab")
-}
 
 fn ifindex(lab: &Lab, netns: &str, ifname: &str) -> String {
     let o = lab.exec(netns, &["cat", &format!("/sys/class/net/{ifname}/ifindex")], Duration::from_secs(5)).unwrap();
@@ -23,22 +18,19 @@ fn ifindex(lab: &Lab, netns: &str, ifname: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_forwarder_adopts_its_wire_after_restart() {
-    let mut lab = lab("fwdkil");
+    let mut lab = mesh::test_lab("fwdkil");
     let opts = NodeOpts::default();
     let node = mesh::start_node(&mut lab, "node1", &opts).await.unwrap();
     let nse = mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.4.0/31", &[]).await.unwrap();
     let client = lab.add_netns("nsc1").unwrap();
-    lab.spawn_args(
+    mesh::spawn_nsc_sidecar(
+        &mut lab,
         "sidecar",
+        &node,
         &client,
         "nsc",
-        &["run"],
-        &[
-            ("NSM_NAME", "nsc".into()),
-            ("NSM_CONNECT_TO", node.nsmgr_url.to_string()),
-            ("NSM_NETWORK_SERVICES", "kernel://icmp-responder/nsm-1".into()),
-            ("NSM_MAX_TOKEN_LIFETIME", "2s".into()),
-        ],
+        "kernel://icmp-responder/nsm-1",
+        &[("NSM_MAX_TOKEN_LIFETIME", "2s".into())],
     )
     .unwrap();
     let t0 = Instant::now();
@@ -74,7 +66,7 @@ async fn killed_forwarder_adopts_its_wire_after_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_reaching_a_restarted_forwarder_removes_the_wire() {
-    let mut lab = lab("fwdcls");
+    let mut lab = mesh::test_lab("fwdcls");
     let opts = NodeOpts::default();
     let node = mesh::start_node(&mut lab, "node1", &opts).await.unwrap();
     let nse = mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.4.0/31", &[]).await.unwrap();

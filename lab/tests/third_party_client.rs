@@ -10,7 +10,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use nsm_lab::mesh::{self, NodeOpts, connections, links};
-use nsm_lab::{Lab, default_bin_dir};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpc_client_requests_and_closes() {
@@ -20,8 +19,7 @@ async fn python_grpc_client_requests_and_closes() {
         "python3 with grpcio-tools is required (pip install grpcio grpcio-tools; scripts/setup.sh does it): {}",
         String::from_utf8_lossy(&probe.stderr)
     );
-    let prefix = format!("t{}pycli", std::process::id() % 100000);
-    let mut lab = Lab::new(&prefix, default_bin_dir().unwrap()).unwrap();
+    let mut lab = mesh::test_lab("pycli");
     let node = mesh::start_node(&mut lab, "node1", &NodeOpts::default()).await.unwrap();
     let nse = mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.9.0/31", &[]).await.unwrap();
     let pod = lab.add_netns("py").unwrap();
