@@ -43,6 +43,7 @@ use nsm_sdk::tools::token::ExpiryOnly;
 use url::Url;
 
 pub mod kernel;
+pub mod wireguard;
 pub mod local;
 
 /// Configuration: flags, or the environment variables upstream's forwarder

@@ -34,6 +34,7 @@ use crate::tools::grpc::ChannelPool;
 
 pub mod client;
 pub mod expire;
+pub mod interdomain;
 pub mod memory;
 
 /// Stream of NS Find results.

@@ -1,0 +1,1 @@
+//! placeholder (interdomain registry routing, in progress)
