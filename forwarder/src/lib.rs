@@ -5,15 +5,19 @@
 //! - [`Config`]: flags / upstream `NSM_*` environment variables.
 //! - [`run`]: registers with the nsmgr as an endpoint of the `forwarder`
 //!   service and serves the forwarder chain until shutdown.
-//! - [`local`]: the KERNEL ↔ KERNEL veth wire on one node.
+//! - [`xconnect`]: picks the wire for a connection: [`local`] (veth pair on
+//!   one node) or [`remote`] (VXLAN/WireGuard tunnel to another node).
+//! - [`wireguard`]: WireGuard backends (kernel, embedded userspace).
 //! - [`kernel`]: netlink operations on interfaces in other network
 //!   namespaces.
+//! - [`alloc`]: WireGuard ports and VXLAN VNIs of this node.
+//! - [`sweep`]: removal of interfaces a killed previous run left behind.
 //!
 //! # The Request chain
 //! `updatepath` → `begin` → `metadata` → `updatetoken` → `timeout` →
-//! `monitor` → `trimpath` → `discover` → `roundrobin` → `localkernel` →
+//! `monitor` → `trimpath` → `discover` → `roundrobin` → `xconnect` →
 //! `connect` ⇒ client chain `updatepath` → `trimpath` client → gRPC call to
-//! the endpoint.
+//! the endpoint (unix) or to the endpoint node's nsmgr (TCP).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,9 +46,13 @@ use nsm_sdk::tools::labels::parse_labels;
 use nsm_sdk::tools::token::ExpiryOnly;
 use url::Url;
 
+pub mod alloc;
 pub mod kernel;
-pub mod wireguard;
 pub mod local;
+pub mod remote;
+pub mod sweep;
+pub mod wireguard;
+pub mod xconnect;
 
 /// Configuration: flags, or the environment variables upstream's forwarder
 /// reads (same names and defaults where they exist).
@@ -73,6 +81,32 @@ pub struct Config {
     /// Lifetime of the tokens this forwarder mints.
     #[arg(long, env = "NSM_MAX_TOKEN_LIFETIME", default_value = "10m", value_parser = parse_duration)]
     pub max_token_lifetime: Duration,
+    /// This node's tunnel endpoint for VXLAN and WireGuard (the node IP).
+    /// Default: the first non-loopback IPv4 address; without one, only
+    /// same-node wires are built.
+    #[arg(long, env = "NSM_TUNNEL_IP")]
+    pub tunnel_ip: Option<std::net::IpAddr>,
+    /// UDP port of VXLAN (0 = 4789); must be the same on every node.
+    #[arg(long, env = "NSM_VXLAN_PORT", default_value_t = 0)]
+    pub vxlan_port: u16,
+    /// UDP ports for WireGuard devices (one per connection), `lo-hi`.
+    #[arg(long, env = "NSM_WIREGUARD_PORTS", default_value = "51820-52819", value_parser = alloc::PortPool::parse)]
+    pub wireguard_ports: (u16, u16),
+    /// Remote mechanisms in preference order (comma-separated). WireGuard
+    /// carries IP payload only; VXLAN carries both.
+    #[arg(long, env = "NSM_MECHANISM_PRIORITY", default_value = "WIREGUARD,VXLAN", value_parser = parse_priority)]
+    pub mechanism_priority: Priority,
+    /// WireGuard implementation: `auto` (kernel module if present, else
+    /// embedded userspace), `kernel`, `userspace`, or `none`.
+    #[arg(long, env = "NSM_WIREGUARD_BACKEND", default_value = "auto", value_parser = ["auto", "kernel", "userspace", "none"])]
+    pub wireguard_backend: String,
+    /// WireGuard persistent keepalive.
+    #[arg(long, env = "NSM_WIREGUARD_KEEPALIVE", default_value = "10s", value_parser = parse_duration)]
+    pub wireguard_keepalive: Duration,
+    /// After a restart, interfaces from the previous run whose connection is
+    /// not refreshed within this time are removed.
+    #[arg(long, env = "NSM_ORPHAN_GRACE", default_value = "10m", value_parser = parse_duration)]
+    pub orphan_grace: Duration,
     /// How often to refresh the registration when the registry sets no
     /// expiration.
     #[arg(long, env = "NSM_REGISTRY_REFRESH", default_value = "40s", value_parser = parse_duration)]
@@ -81,16 +115,80 @@ pub struct Config {
     pub common: CommonArgs,
 }
 
+/// Mechanism types in preference order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Priority(pub Vec<String>);
+
+fn parse_priority(s: &str) -> Result<Priority, String> {
+    let mut v = vec![];
+    for t in s.split(',').map(|t| t.trim().to_ascii_uppercase()).filter(|t| !t.is_empty()) {
+        if t != nsm_api::mechanisms::types::VXLAN && t != nsm_api::mechanisms::types::WIREGUARD {
+            return Err(format!("unknown remote mechanism {t:?} (supported: VXLAN, WIREGUARD)"));
+        }
+        if !v.contains(&t) {
+            v.push(t);
+        }
+    }
+    if v.is_empty() {
+        return Err("no mechanism given".into());
+    }
+    Ok(Priority(v))
+}
+
 /// State handles of a running forwarder, for tests and diagnostics.
 #[derive(Clone)]
 pub struct Handles {
     pub monitor: MonitorServer,
     pub begin: Arc<Begin>,
     pub metadata: Arc<Metadata>,
+    pub remote: Option<Arc<remote::Remote>>,
+}
+
+/// The remote-mechanism machinery for `cfg`, or `None` without a tunnel IP.
+pub async fn remote(cfg: &Config) -> anyhow::Result<Option<Arc<remote::Remote>>> {
+    let Some(tunnel_ip) = cfg.tunnel_ip.or_else(daemon::first_global_ipv4) else {
+        tracing::warn!("no NSM_TUNNEL_IP and no non-loopback address: only same-node wires will be built");
+        return Ok(None);
+    };
+    let node = nsm_sdk::tools::netns::NetnsHandle::current()?;
+    let underlay_mtu = match kernel::underlay_mtu(&node, tunnel_ip).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(%tunnel_ip, error = %e, "cannot find the underlay interface of the tunnel IP; assuming MTU 1500");
+            1500
+        }
+    };
+    let wg: Option<Arc<dyn wireguard::WgBackend>> = match cfg.wireguard_backend.as_str() {
+        "none" => None,
+        "userspace" => Some(Arc::new(wireguard::Userspace)),
+        "kernel" => Some(wireguard::kernel_backend().ok_or_else(|| {
+            anyhow::anyhow!(
+                "NSM_WIREGUARD_BACKEND=kernel but the kernel cannot create WireGuard devices (module missing?)"
+            )
+        })?),
+        _ => Some(wireguard::probe()),
+    };
+    let (lo, hi) = cfg.wireguard_ports;
+    let rc = remote::RemoteConfig {
+        tunnel_ip,
+        vxlan_port: if cfg.vxlan_port == 0 { nsm_api::mechanisms::vxlan::DEFAULT_PORT } else { cfg.vxlan_port },
+        priority: cfg.mechanism_priority.0.clone(),
+        keepalive: u16::try_from(cfg.wireguard_keepalive.as_secs()).unwrap_or(u16::MAX),
+        underlay_mtu,
+    };
+    tracing::info!(
+        %tunnel_ip,
+        underlay_mtu,
+        vxlan_port = rc.vxlan_port,
+        wireguard = wg.as_ref().map(|w| w.kind()).unwrap_or("off"),
+        priority = %rc.priority.join(","),
+        "remote mechanisms ready"
+    );
+    Ok(Some(remote::Remote::new(rc, node, wg, alloc::PortPool::new(lo, hi))))
 }
 
 /// Builds the forwarder chain.
-pub fn chain(cfg: &Config) -> (Chain, Handles) {
+pub fn chain(cfg: &Config, remote: Option<Arc<remote::Remote>>) -> (Chain, Handles) {
     let pool = ChannelPool::new(cfg.dial_timeout);
     let registry = RemoteRegistry::new(cfg.connect_to.clone(), pool.clone());
     let tokens = ExpiryOnly::new(cfg.max_token_lifetime);
@@ -117,11 +215,11 @@ pub fn chain(cfg: &Config) -> (Chain, Handles) {
         Discover::new(Arc::new(registry.clone()), Arc::new(registry)),
         // Try them in turn.
         RoundRobin::new(),
-        // Build the veth pair once the endpoint has answered.
-        local::LocalKernel::new(),
+        // Build the wire (veth, or a tunnel end) once the far side answered.
+        xconnect::XConnect::new(&cfg.name, remote.clone()),
         Connect::new(client),
     ];
-    (Chain::new(elems), Handles { monitor, begin, metadata })
+    (Chain::new(elems), Handles { monitor, begin, metadata, remote })
 }
 
 /// Serves the forwarder on `listeners`, registered with the nsmgr, until
@@ -131,7 +229,13 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (chain, h) = chain(&cfg);
+    let remote = remote(&cfg).await?;
+    let (chain, h) = chain(&cfg, remote);
+    let node = nsm_sdk::tools::netns::NetnsHandle::current()?;
+    let watched = sweep::start(&cfg.name, &node, h.metadata.clone(), cfg.orphan_grace).await;
+    if watched > 0 {
+        tracing::info!(watched, "interfaces from a previous run are waiting to be adopted or removed");
+    }
     let url = listeners.urls().first().cloned().ok_or_else(|| anyhow::anyhow!("nothing to listen on"))?;
     let health = daemon::health_service(&[service_names::NETWORK_SERVICE, service_names::MONITOR_CONNECTION]).await;
     let router = tonic::transport::Server::builder()

@@ -18,8 +18,9 @@
 //!   pair and closes the endpoint side: nothing is left behind.
 //! - Close removes the pair (deleting one end removes both), then closes the
 //!   endpoint side with the mechanism it chose.
-//! - Interfaces carry the alias `nsm-<connection id>`: a name that exists
-//!   with another alias is never touched (`AlreadyExists`).
+//! - Interfaces carry the alias `nsm:<forwarder>:<connection id>` ([`alias`]):
+//!   a name that exists with another alias is never touched
+//!   (`AlreadyExists`).
 //!
 //! # Chain placement
 //! In the forwarder chain after `discover`/`roundrobin`, before `connect`.
@@ -55,16 +56,76 @@ struct Wire {
 }
 
 /// The `localkernel` element.
-pub struct LocalKernel;
+pub struct LocalKernel {
+    fwd: String,
+}
 
 impl LocalKernel {
-    /// A new element.
-    pub fn new() -> Arc<LocalKernel> {
-        Arc::new(LocalKernel)
+    /// The element of forwarder `fwd` (its name goes into interface aliases).
+    pub fn new(fwd: &str) -> Arc<LocalKernel> {
+        Arc::new(LocalKernel { fwd: fwd.to_string() })
+    }
+
+    /// True if `meta` holds a veth wire built by this element.
+    pub fn has_wire(meta: &nsm_sdk::networkservice::metadata::ConnMetadata) -> bool {
+        meta.server_get::<Wire>().is_some()
+    }
+
+    /// The client netns parameters recorded for a veth wire.
+    pub fn client_netns_key(
+        meta: &nsm_sdk::networkservice::metadata::ConnMetadata,
+    ) -> Option<(Option<String>, Option<String>)> {
+        meta.server_get::<Wire>().map(|w| w.client_key)
     }
 }
 
-fn kernel_error(e: KernelError) -> Status {
+/// The alias marking an interface as built by forwarder `fwd` for its
+/// connection `conn_id`: `nsm:<fwd>:<conn_id>`. A name carrying another
+/// alias is never touched; after a restart the forwarder finds its own
+/// interfaces (adoption, orphan sweep) by it.
+pub fn alias(fwd: &str, conn_id: &str) -> String {
+    format!("nsm:{fwd}:{conn_id}")
+}
+
+/// The incoming KERNEL mechanism of a local client (`connection.mechanism`
+/// on refresh, else the first KERNEL preference), validated, with its
+/// interface name filled in (`prev_name` on refresh, else generated).
+pub fn kernel_incoming(req: &NetworkServiceRequest, prev_name: Option<String>) -> Result<Mechanism, Status> {
+    let incoming = match req.connection.as_ref().and_then(|c| c.mechanism.clone()) {
+        Some(m) => m,
+        None => req.mechanism_preferences.iter().find(|m| m.r#type == kernel::MECHANISM).cloned().ok_or_else(|| {
+            let offered: Vec<_> = req.mechanism_preferences.iter().map(|m| m.r#type.as_str()).collect();
+            Status::invalid_argument(format!(
+                "this forwarder connects local clients by KERNEL only; the request offers [{}]",
+                offered.join(", ")
+            ))
+        })?,
+    };
+    if incoming.r#type != kernel::MECHANISM {
+        return Err(Status::invalid_argument(format!(
+            "mechanism {} is not supported for local clients (supported: KERNEL)",
+            incoming.r#type
+        )));
+    }
+    if !incoming.cls.is_empty() && incoming.cls != cls::LOCAL {
+        return Err(Status::invalid_argument(format!(
+            "KERNEL is a LOCAL mechanism; the request says cls={}",
+            incoming.cls
+        )));
+    }
+    let mut incoming = incoming;
+    let svc = req.connection.as_ref().map(|c| c.network_service.clone()).unwrap_or_default();
+    let name = match incoming.parameters.get(kernel::NAME).filter(|n| !n.is_empty()) {
+        Some(n) => n.clone(),
+        None => prev_name.unwrap_or_else(|| generate_ifname(&svc)),
+    };
+    k::validate_ifname(&name).map_err(kernel_error)?;
+    incoming.parameters.insert(kernel::NAME.to_string(), name);
+    Ok(incoming)
+}
+
+/// Maps kernel errors to gRPC statuses.
+pub fn kernel_error(e: KernelError) -> Status {
     match &e {
         KernelError::NameTaken { .. } => Status::already_exists(e.to_string()),
         KernelError::InvalidName { .. } => Status::invalid_argument(e.to_string()),
@@ -106,13 +167,14 @@ pub fn stable_ifname(prefix: &str, conn_id: &str) -> String {
     format!("{}-{suffix}", ifname_prefix(prefix))
 }
 
-fn netns_key(m: &Mechanism) -> (Option<String>, Option<String>) {
+/// The netns parameters of a mechanism (`inodeURL`, `netnsInode`).
+pub fn netns_key(m: &Mechanism) -> (Option<String>, Option<String>) {
     (m.parameters.get(kernel::INODE_URL).cloned(), m.parameters.get(kernel::NETNS_INODE).cloned())
 }
 
 /// Resolves the netns a mechanism names. Off the async workers: a lookup by
 /// inode may scan every `/proc/<pid>/ns/net` on the node.
-async fn resolve(m: &Mechanism, who: &'static str) -> Result<NetnsHandle, Status> {
+pub async fn resolve_netns(m: &Mechanism, who: &'static str) -> Result<NetnsHandle, Status> {
     let (url, ino) = netns_key(m);
     tokio::task::spawn_blocking(move || netns::resolve(url.as_deref(), ino.as_deref()))
         .await
@@ -171,47 +233,15 @@ impl Element for LocalKernel {
         let meta =
             ctx.meta.clone().ok_or_else(|| Status::internal("chain misconfigured: localkernel needs metadata"))?;
         let prev: Option<Wire> = meta.server_get::<Wire>();
+        let incoming = kernel_incoming(&req, prev.as_ref().map(|w| w.client_if.clone()))?;
+        let client_if = incoming.parameters.get(kernel::NAME).cloned().unwrap_or_default();
         let conn = conn_mut(&mut req);
-        let incoming = match conn.mechanism.clone() {
-            Some(m) => m,
-            None => {
-                req.mechanism_preferences.iter().find(|m| m.r#type == kernel::MECHANISM).cloned().ok_or_else(|| {
-                    let offered: Vec<_> = req.mechanism_preferences.iter().map(|m| m.r#type.as_str()).collect();
-                    Status::invalid_argument(format!(
-                        "this forwarder connects local clients by KERNEL only; the request offers [{}]",
-                        offered.join(", ")
-                    ))
-                })?
-            }
-        };
-        if incoming.r#type != kernel::MECHANISM {
-            return Err(Status::invalid_argument(format!(
-                "mechanism {} is not supported for local clients (supported: KERNEL)",
-                incoming.r#type
-            )));
-        }
-        if !incoming.cls.is_empty() && incoming.cls != cls::LOCAL {
-            return Err(Status::invalid_argument(format!(
-                "KERNEL is a LOCAL mechanism; the request says cls={}",
-                incoming.cls
-            )));
-        }
-        let conn = conn_mut(&mut req);
-        let mut incoming = incoming;
-        let client_if = match incoming.parameters.get(kernel::NAME).filter(|n| !n.is_empty()) {
-            Some(n) => n.clone(),
-            None => {
-                prev.as_ref().map(|w| w.client_if.clone()).unwrap_or_else(|| generate_ifname(&conn.network_service))
-            }
-        };
-        k::validate_ifname(&client_if).map_err(kernel_error)?;
-        incoming.parameters.insert(kernel::NAME.to_string(), client_if.clone());
         let key = netns_key(&incoming);
         let client_ns = match &prev {
             Some(w) if w.client_key == key => w.client_ns.clone(),
-            _ => resolve(&incoming, "client").await?,
+            _ => resolve_netns(&incoming, "client").await?,
         };
-        let alias = format!("nsm-{}", conn.id);
+        let alias = alias(&self.fwd, &conn.id);
         let nse_if =
             prev.as_ref().map(|w| w.nse_if.clone()).unwrap_or_else(|| stable_ifname(&conn.network_service, &conn.id));
 
@@ -236,7 +266,7 @@ impl Element for LocalKernel {
             k::validate_ifname(&nse_if).map_err(kernel_error)?;
             let nse_ns = match &prev {
                 Some(w) if netns_key(&w.outgoing) == netns_key(&outgoing) => w.nse_ns.clone(),
-                _ => resolve(&outgoing, "endpoint").await?,
+                _ => resolve_netns(&outgoing, "endpoint").await?,
             };
             let wire = Wire {
                 client_ns: client_ns.clone(),
@@ -299,9 +329,9 @@ impl Element for LocalKernel {
                 // remove the client end if it is positively ours.
                 if let Some(m) = conn.mechanism.clone()
                     && let Some(name) = m.parameters.get(kernel::NAME)
-                    && let Ok(ns) = resolve(&m, "client").await
+                    && let Ok(ns) = resolve_netns(&m, "client").await
                 {
-                    let alias = format!("nsm-{}", conn.id);
+                    let alias = alias(&self.fwd, &conn.id);
                     let _ = k::delete_link(&ns, name, Some(&alias)).await;
                 }
                 conn.mechanism = None;

@@ -30,6 +30,7 @@ macro_rules! say_part {
     }};
 }
 
+pub mod cluster;
 pub mod demo;
 pub mod env;
 pub mod mesh;

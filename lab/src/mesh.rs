@@ -29,6 +29,30 @@ pub struct Node {
     pub nsmgr_name: String,
     pub forwarder_name: String,
     pub registry_url: Url,
+    /// Underlay address (the tunnel IP), if the node has an underlay.
+    pub ip: Option<std::net::IpAddr>,
+    /// Cluster domain (`my.cluster1`), if any.
+    pub domain: String,
+}
+
+/// Where a node's nsmgr finds its registry.
+#[derive(Clone, Debug)]
+pub enum RegistryAt {
+    /// Start a registry in this node, listening on this URL, knowing the
+    /// other domains' registries (`NSM_DOMAIN_REGISTRIES`).
+    Here { listen: Url, domains: String },
+    /// Use the registry at this URL.
+    There(Url),
+}
+
+/// How to start one node's daemons.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    pub name: String,
+    pub ip: Option<std::net::IpAddr>,
+    pub registry: RegistryAt,
+    pub domain: String,
+    pub cluster: String,
 }
 
 /// Options of [`start_node`].
@@ -40,11 +64,18 @@ pub struct NodeOpts {
     /// refreshing are closed after it).
     pub max_token_lifetime: String,
     pub log_level: String,
+    /// Extra environment of every forwarder (`NSM_ORPHAN_GRACE`, ...).
+    pub forwarder_env: Vec<(String, String)>,
 }
 
 impl Default for NodeOpts {
     fn default() -> Self {
-        NodeOpts { expire_period: "1m".into(), max_token_lifetime: "10m".into(), log_level: "INFO".into() }
+        NodeOpts {
+            expire_period: "1m".into(),
+            max_token_lifetime: "10m".into(),
+            log_level: "INFO".into(),
+            forwarder_env: vec![],
+        }
     }
 }
 
@@ -88,44 +119,72 @@ fn sock(lab: &Lab, rel: &str) -> anyhow::Result<Url> {
     Ok(parse_url(&format!("unix://{}", p.display()))?)
 }
 
-/// Starts registry, nsmgr and forwarder in a new node namespace and waits
-/// until the forwarder is registered.
+/// Starts registry, nsmgr and forwarder in a new node namespace (loopback
+/// only) and waits until the forwarder is registered.
 pub async fn start_node(lab: &mut Lab, name: &str, opts: &NodeOpts) -> anyhow::Result<Node> {
     let netns = lab.add_netns(name)?;
+    let spec = NodeSpec {
+        name: name.to_string(),
+        ip: None,
+        registry: RegistryAt::Here { listen: parse_url("tcp://127.0.0.1:5002")?, domains: String::new() },
+        domain: String::new(),
+        cluster: String::new(),
+    };
+    start_node_in(lab, &netns, &spec, opts).await
+}
+
+/// Starts the daemons of node `spec` in the existing namespace `netns`.
+pub async fn start_node_in(lab: &mut Lab, netns: &str, spec: &NodeSpec, opts: &NodeOpts) -> anyhow::Result<Node> {
+    let name = &spec.name;
     let nsmgr_url = sock(lab, &format!("{name}/nsm.io.sock"))?;
     let forwarder_url = sock(lab, &format!("{name}/forwarder.sock"))?;
-    let registry_url = parse_url("tcp://127.0.0.1:5002")?;
+    let registry_url = match &spec.registry {
+        RegistryAt::Here { listen, .. } => listen.clone(),
+        RegistryAt::There(u) => u.clone(),
+    };
     let node = Node {
         name: name.to_string(),
-        netns: netns.clone(),
+        netns: netns.to_string(),
         nsmgr_url: nsmgr_url.clone(),
         forwarder_url: forwarder_url.clone(),
         nsmgr_name: format!("nsmgr-{name}"),
         forwarder_name: format!("forwarder-{name}"),
         registry_url: registry_url.clone(),
+        ip: spec.ip,
+        domain: spec.domain.clone(),
     };
     let ll = opts.log_level.clone();
-    lab.spawn(
-        &format!("registry-{name}"),
-        &netns,
-        "nsm-registry",
-        &[
-            ("NSM_LISTEN_ON", registry_url.to_string()),
-            ("NSM_EXPIRE_PERIOD", opts.expire_period.clone()),
-            ("NSM_LOG_LEVEL", ll.clone()),
-        ],
-    )?;
+    if let RegistryAt::Here { listen, domains } = &spec.registry {
+        lab.spawn(
+            &format!("registry-{name}"),
+            netns,
+            "nsm-registry",
+            &[
+                ("NSM_LISTEN_ON", listen.to_string()),
+                ("NSM_EXPIRE_PERIOD", opts.expire_period.clone()),
+                ("NSM_DOMAIN", spec.domain.clone()),
+                ("NSM_DOMAIN_REGISTRIES", domains.clone()),
+                ("NSM_LOG_LEVEL", ll.clone()),
+            ],
+        )?;
+    }
+    let tcp = match spec.ip {
+        Some(ip) => format!("tcp://{ip}:5001"),
+        None => "tcp://127.0.0.1:5001".to_string(),
+    };
     lab.spawn(
         &node.nsmgr_name,
-        &netns,
+        netns,
         "nsmgr",
         &[
             ("NSM_NAME", node.nsmgr_name.clone()),
-            ("NSM_LISTEN_ON", format!("{nsmgr_url},tcp://127.0.0.1:5001")),
+            ("NSM_LISTEN_ON", format!("{nsmgr_url},{tcp}")),
             ("NSM_REGISTRY_URL", registry_url.to_string()),
             ("NSM_EXPIRE_PERIOD", opts.expire_period.clone()),
             ("NSM_MAX_TOKEN_LIFETIME", opts.max_token_lifetime.clone()),
+            ("NSM_DOMAIN", spec.domain.clone()),
             ("NODE_NAME", name.to_string()),
+            ("CLUSTER_NAME", spec.cluster.clone()),
             ("NSM_LOG_LEVEL", ll.clone()),
         ],
     )?;
@@ -136,18 +195,19 @@ pub async fn start_node(lab: &mut Lab, name: &str, opts: &NodeOpts) -> anyhow::R
 /// Starts (or restarts) the node's forwarder and waits until it is
 /// registered.
 pub async fn start_forwarder(lab: &mut Lab, node: &Node, opts: &NodeOpts) -> anyhow::Result<()> {
-    lab.spawn(
-        &node.forwarder_name,
-        &node.netns,
-        "forwarder",
-        &[
-            ("NSM_NAME", node.forwarder_name.clone()),
-            ("NSM_LISTEN_ON", node.forwarder_url.to_string()),
-            ("NSM_CONNECT_TO", node.nsmgr_url.to_string()),
-            ("NSM_MAX_TOKEN_LIFETIME", opts.max_token_lifetime.clone()),
-            ("NSM_LOG_LEVEL", opts.log_level.clone()),
-        ],
-    )?;
+    let mut env = vec![
+        ("NSM_NAME", node.forwarder_name.clone()),
+        ("NSM_LISTEN_ON", node.forwarder_url.to_string()),
+        ("NSM_CONNECT_TO", node.nsmgr_url.to_string()),
+        ("NSM_MAX_TOKEN_LIFETIME", opts.max_token_lifetime.clone()),
+        ("NSM_LOG_LEVEL", opts.log_level.clone()),
+    ];
+    if let Some(ip) = node.ip {
+        env.push(("NSM_TUNNEL_IP", ip.to_string()));
+    }
+    let extra: Vec<(&str, String)> = opts.forwarder_env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    env.extend(extra);
+    lab.spawn(&node.forwarder_name, &node.netns, "forwarder", &env)?;
     wait_registered(lab, node, &node.forwarder_name, Duration::from_secs(20)).await
 }
 

@@ -43,6 +43,7 @@ use nsm_sdk::tools::token::ExpiryOnly;
 use url::Url;
 
 pub mod discoverforwarder;
+pub mod interdomain;
 pub mod netnsowner;
 pub mod registry;
 
@@ -93,6 +94,10 @@ pub struct Config {
     /// Cluster name (label `clusterName`).
     #[arg(long, env = "CLUSTER_NAME", default_value = "")]
     pub cluster_name: String,
+    /// This cluster's domain (e.g. `my.cluster2`): requests from other
+    /// clusters name services `svc@<domain>`; the nsmgr serves them as `svc`.
+    #[arg(long, env = "NSM_DOMAIN", default_value = "")]
+    pub domain: String,
     /// How to treat a local client whose pid the nsmgr cannot see (so its
     /// netns claim cannot be verified): `strict` refuses, `lenient` trusts
     /// the claim. Run the nsmgr with hostPID to verify every client.
@@ -108,24 +113,11 @@ pub fn public_url(bound: &[Url]) -> Option<Url> {
     let host: Option<IpAddr> = tcp.host_str().and_then(|h| h.trim_matches(['[', ']']).parse().ok());
     match host {
         Some(ip) if ip.is_unspecified() => {
-            let ip = first_global_ipv4().unwrap_or(IpAddr::from([127, 0, 0, 1]));
+            let ip = daemon::first_global_ipv4().unwrap_or(IpAddr::from([127, 0, 0, 1]));
             parse_url(&format!("tcp://{ip}:{}", tcp.port()?)).ok()
         }
         _ => Some(tcp.clone()),
     }
-}
-
-fn first_global_ipv4() -> Option<IpAddr> {
-    let addrs = nix::ifaddrs::getifaddrs().ok()?;
-    for a in addrs {
-        if let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) {
-            let ip = sin.ip();
-            if !ip.is_loopback() && !ip.is_link_local() {
-                return Some(IpAddr::V4(ip));
-            }
-        }
-    }
-    None
 }
 
 /// Handles to the running nsmgr's state, for tests and diagnostics.
@@ -195,6 +187,8 @@ pub fn build(cfg: &Config, public: &Url) -> anyhow::Result<(RouterFut, Handles)>
         metadata.clone(),
         // Record the caller's token expiry, mint ours.
         UpdateToken::new(tokens.clone()),
+        // `svc@<our domain>` from another cluster is our `svc`.
+        interdomain::Interdomain::new(&cfg.domain),
         // A client may only ask for interfaces in its own netns.
         netnsowner::NetnsOwner::new(cfg.client_netns_check),
         // Close connections whose client stopped refreshing.

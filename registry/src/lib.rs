@@ -4,6 +4,15 @@
 //! (default `tcp://:5002`), endpoint registrations capped at
 //! `NSM_EXPIRE_PERIOD` (default 1m).
 //!
+//! Interdomain (multi-cluster): calls about names `x@<domain>` for another
+//! domain are forwarded to that domain's registry, taken from the static
+//! map `NSM_DOMAIN_REGISTRIES` (`my.cluster2=tcp://10.2.0.1:5002,...`),
+//! with the domain stripped on the way there and appended again on the way
+//! back; `x@<NSM_DOMAIN>` and unqualified names are served from the local
+//! store (see `nsm_sdk::registry::interdomain`). Only local endpoint
+//! registrations are capped by `NSM_EXPIRE_PERIOD`; a forwarded one is
+//! capped by the remote registry.
+//!
 //! State lives only in memory: after a restart, endpoints and forwarders
 //! re-register on their next refresh (at most 2/3 of the expire period), and
 //! endpoints re-register their network services on the same cadence.
@@ -14,10 +23,11 @@ use std::time::Duration;
 use clap::Parser;
 use nsm_api::service_names;
 use nsm_sdk::registry::expire::Expire;
+use nsm_sdk::registry::interdomain::{Interdomain, StaticDomains, check_domain};
 use nsm_sdk::registry::memory::MemoryRegistry;
 use nsm_sdk::registry::{NsRegistryServer, NseRegistryServer};
 use nsm_sdk::tools::daemon::{self, parse_duration};
-use nsm_sdk::tools::grpc::{Listeners, UrlList, parse_url_list};
+use nsm_sdk::tools::grpc::{ChannelPool, Listeners, UrlList, parse_url_list};
 use url::Url;
 
 /// Configuration (flags or the upstream `NSM_*` environment variables).
@@ -30,8 +40,38 @@ pub struct Config {
     /// Endpoint registrations expire this long after their last refresh.
     #[arg(long, env = "NSM_EXPIRE_PERIOD", default_value = "1m", value_parser = parse_duration)]
     pub expire_period: Duration,
+    /// This cluster's domain (e.g. `my.cluster1`): names `x@<it>` are served
+    /// from the local store like plain `x`. Empty: no own domain, every
+    /// `x@<domain>` is forwarded.
+    #[arg(long, env = "NSM_DOMAIN", default_value = "", value_parser = parse_own_domain)]
+    pub domain: String,
+    /// Registries of other domains, comma-separated `<domain>=<registry URL>`
+    /// (e.g. `my.cluster2=tcp://10.2.0.1:5002,my.cluster3=tcp://10.3.0.1:5002`).
+    /// Calls about `x@<domain>` go to that registry; an unlisted domain is
+    /// NotFound. An entry for the own domain is ignored, so every cluster
+    /// may share one list.
+    #[arg(long, env = "NSM_DOMAIN_REGISTRIES", default_value = "", value_parser = parse_domain_registries)]
+    pub domain_registries: StaticDomains,
+    /// Timeout for dialing another domain's registry.
+    #[arg(long, env = "NSM_DIAL_TIMEOUT", default_value = "750ms", value_parser = parse_duration)]
+    pub dial_timeout: Duration,
     #[command(flatten)]
     pub common: daemon::CommonArgs,
+}
+
+/// `NSM_DOMAIN`: empty, or a valid domain name.
+pub fn parse_own_domain(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    check_domain(s).map_err(|e| format!("invalid NSM_DOMAIN {s:?}: {e}"))?;
+    Ok(s.to_string())
+}
+
+/// `NSM_DOMAIN_REGISTRIES`: see [`StaticDomains`].
+pub fn parse_domain_registries(s: &str) -> Result<StaticDomains, String> {
+    s.parse().map_err(|e: nsm_sdk::registry::interdomain::DomainsError| e.to_string())
 }
 
 /// Serves the registry on `listeners` until `shutdown` resolves.
@@ -41,7 +81,20 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let store = MemoryRegistry::new();
-    let nse = Expire::new(Arc::new(store.clone()), cfg.expire_period);
+    let local_nse = Expire::new(Arc::new(store.clone()), cfg.expire_period);
+    let own_domain = (!cfg.domain.is_empty()).then(|| cfg.domain.clone());
+    tracing::info!(
+        own_domain = own_domain.as_deref().unwrap_or("(none)"),
+        domain_registries = %cfg.domain_registries,
+        "interdomain routing"
+    );
+    let registry = Interdomain::new(
+        Arc::new(store),
+        local_nse,
+        own_domain,
+        Arc::new(cfg.domain_registries),
+        ChannelPool::new(cfg.dial_timeout),
+    );
     let health = daemon::health_service(&[
         service_names::NETWORK_SERVICE_REGISTRY,
         service_names::NETWORK_SERVICE_ENDPOINT_REGISTRY,
@@ -49,8 +102,8 @@ pub async fn run(
     .await;
     let router = tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(NsRegistryServer(Arc::new(store)).into_service())
-        .add_service(NseRegistryServer(nse).into_service());
+        .add_service(NsRegistryServer(registry.clone()).into_service())
+        .add_service(NseRegistryServer(registry).into_service());
     tracing::info!(listen_on = ?listeners.urls().iter().map(Url::as_str).collect::<Vec<_>>(), "registry serving");
     daemon::serve(router, listeners, shutdown, Duration::from_secs(2)).await?;
     Ok(())
@@ -58,10 +111,149 @@ pub async fn run(
 
 #[cfg(test)]
 mod cli_tests {
-    use clap::CommandFactory;
+    use clap::{CommandFactory, Parser};
+
+    use super::Config;
 
     #[test]
     fn cli_is_well_formed() {
-        super::Config::command().debug_assert();
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn domain_options_parse_and_reject_with_clear_errors() {
+        let c = Config::try_parse_from(["nsm-registry"]).unwrap();
+        assert!(c.domain.is_empty() && c.domain_registries.is_empty(), "defaults: no interdomain");
+        let c = Config::try_parse_from([
+            "nsm-registry",
+            "--domain",
+            "my.cluster1",
+            "--domain-registries",
+            "my.cluster2=tcp://10.2.0.1:5002,my.cluster3=10.3.0.1:5002",
+        ])
+        .unwrap();
+        assert_eq!(c.domain, "my.cluster1");
+        assert_eq!(c.domain_registries.get("my.cluster3").unwrap().as_str(), "tcp://10.3.0.1:5002");
+
+        let e = Config::try_parse_from(["nsm-registry", "--domain", "my cluster"]).unwrap_err().to_string();
+        assert!(e.contains("invalid NSM_DOMAIN \"my cluster\"") && e.contains("' '"), "{e}");
+        let e = Config::try_parse_from(["nsm-registry", "--domain-registries", "my.cluster2"]).unwrap_err().to_string();
+        assert!(
+            e.contains("NSM_DOMAIN_REGISTRIES entry \"my.cluster2\"") && e.contains("<domain>=<registry URL>"),
+            "{e}"
+        );
+        let e =
+            Config::try_parse_from(["nsm-registry", "--domain-registries", "c2=ftp://x:1"]).unwrap_err().to_string();
+        assert!(e.contains("c2=ftp://x:1") && e.contains("unsupported scheme"), "{e}");
+    }
+}
+
+/// Two registry daemons standing in for two clusters, each knowing the other.
+#[cfg(test)]
+mod interdomain_tests {
+    use std::time::{Duration, SystemTime};
+
+    use clap::Parser;
+    use nsm_api::registry::{NetworkService, NetworkServiceEndpoint};
+    use nsm_sdk::networkservice::chain::Context;
+    use nsm_sdk::registry::{NsRegistry, NseRegistry, RemoteRegistry, find_ns, find_nses};
+    use nsm_sdk::tools::grpc::{ChannelPool, Listeners, parse_url};
+    use url::Url;
+
+    use super::{Config, run};
+
+    struct Daemon {
+        url: Url,
+        _stop: tokio::sync::oneshot::Sender<()>,
+    }
+
+    async fn start(url: &Url, args: &[&str]) -> Daemon {
+        let mut argv = vec!["nsm-registry", "--listen-on", url.as_str()];
+        argv.extend_from_slice(args);
+        let cfg = Config::try_parse_from(argv).unwrap();
+        let listeners = Listeners::bind(std::slice::from_ref(url)).await.unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(run(cfg, listeners, async move {
+            let _ = stopped.await;
+        }));
+        Daemon { url: url.clone(), _stop: stop }
+    }
+
+    fn ctx() -> Context {
+        Context::with_timeout(Duration::from_secs(5))
+    }
+
+    fn client(d: &Daemon) -> RemoteRegistry {
+        RemoteRegistry::new(d.url.clone(), ChannelPool::new(Duration::from_secs(1)))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clusters_forward_other_domains_and_keep_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let u1 = parse_url(&format!("unix://{}/c1.sock", dir.path().display())).unwrap();
+        let u2 = parse_url(&format!("unix://{}/c2.sock", dir.path().display())).unwrap();
+        // One shared map (own entries ignored); c2 caps registrations at 1h, c1 at 1m.
+        let map = format!("my.cluster1={u1},my.cluster2={u2}");
+        let c1 = start(&u1, &["--domain", "my.cluster1", "--domain-registries", &map, "--expire-period", "1m"]).await;
+        let c2 = start(&u2, &["--domain", "my.cluster2", "--domain-registries", &map, "--expire-period", "1h"]).await;
+        let (r1, r2) = (client(&c1), client(&c2));
+
+        // An endpoint registers in cluster 2 without any domain.
+        let nse = NetworkServiceEndpoint {
+            name: "nse1".into(),
+            network_service_names: vec!["svc".into()],
+            url: "tcp://10.2.0.5:5001".into(),
+            ..Default::default()
+        };
+        NseRegistry::register(&r2, &ctx(), nse).await.unwrap();
+        NsRegistry::register(&r2, &ctx(), NetworkService { name: "svc".into(), ..Default::default() }).await.unwrap();
+
+        // Cluster 1 finds it by the qualified name.
+        let q = NetworkServiceEndpoint { network_service_names: vec!["svc@my.cluster2".into()], ..Default::default() };
+        let found = find_nses(&r1, &ctx(), q).await.unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].name, "nse1@my.cluster2");
+        assert_eq!(found[0].network_service_names, ["svc@my.cluster2"]);
+        assert_eq!(found[0].url, "tcp://10.2.0.5:5001");
+        let q = NetworkService { name: "svc@my.cluster2".into(), ..Default::default() };
+        assert_eq!(find_ns(&r1, &ctx(), q).await.unwrap()[0].name, "svc@my.cluster2");
+        // Not visible unqualified in cluster 1.
+        let q = NetworkServiceEndpoint { network_service_names: vec!["svc".into()], ..Default::default() };
+        assert!(find_nses(&r1, &ctx(), q).await.unwrap().is_empty());
+
+        // Floating registration through cluster 1: stored in cluster 2, capped by cluster 2's expire only.
+        let floating = NetworkServiceEndpoint {
+            name: "nse-f@my.cluster2".into(),
+            network_service_names: vec!["svc@my.cluster2".into()],
+            url: "tcp://10.1.0.9:5001".into(),
+            ..Default::default()
+        };
+        let out = NseRegistry::register(&r1, &ctx(), floating).await.unwrap();
+        assert_eq!(out.name, "nse-f@my.cluster2");
+        let exp = nsm_sdk::tools::token::from_timestamp(out.expiration_time.as_ref().unwrap()).unwrap();
+        assert!(exp > SystemTime::now() + Duration::from_secs(600), "cluster 1's 1m cap not applied: {exp:?}");
+        let q = NetworkServiceEndpoint { name: "nse-f".into(), ..Default::default() };
+        assert_eq!(find_nses(&r2, &ctx(), q).await.unwrap()[0].network_service_names, ["svc"]);
+
+        // Own-domain names stay local; local registrations get the local cap.
+        let own = NetworkServiceEndpoint {
+            name: "nse-l@my.cluster1".into(),
+            network_service_names: vec!["svc-l".into()],
+            url: "tcp://10.1.0.2:5001".into(),
+            ..Default::default()
+        };
+        let out = NseRegistry::register(&r1, &ctx(), own).await.unwrap();
+        assert_eq!(out.name, "nse-l@my.cluster1");
+        let exp = nsm_sdk::tools::token::from_timestamp(out.expiration_time.as_ref().unwrap()).unwrap();
+        assert!(exp <= SystemTime::now() + Duration::from_secs(61), "cluster 1's cap applied: {exp:?}");
+        let q = NetworkServiceEndpoint { name: "nse-l".into(), ..Default::default() };
+        assert_eq!(find_nses(&r1, &ctx(), q.clone()).await.unwrap().len(), 1);
+        assert!(find_nses(&r2, &ctx(), q).await.unwrap().is_empty());
+
+        // Unknown domain.
+        let q = NetworkService { name: "svc@my.cluster9".into(), ..Default::default() };
+        let e = find_ns(&r1, &ctx(), q).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+        assert!(e.message().contains("no registry known for domain my.cluster9"), "{e:?}");
     }
 }

@@ -20,7 +20,9 @@
 
 mod addr;
 mod route;
+pub mod tunnel;
 mod veth;
+pub mod vxlan;
 
 use futures::TryStreamExt;
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage, State};
@@ -28,7 +30,9 @@ use nsm_sdk::tools::netns::{NetnsError, NetnsHandle};
 
 pub use addr::{apply_addresses, open_ping_group_range};
 pub use route::apply_routes;
+pub use tunnel::{links_with_alias_prefix, move_and_rename, set_neighbor, underlay_mtu};
 pub use veth::{VethEnd, VethPair, ensure_veth_pair};
+pub use vxlan::{DEFAULT_VXLAN_PORT, VNI_MAX, VxlanSpec, create_vxlan, generate_vni, validate_vni};
 
 /// Linux `IFNAMSIZ - 1`.
 pub const IFNAMSIZ_MAX: usize = 15;
@@ -79,6 +83,41 @@ pub enum KernelError {
         #[source]
         source: Box<rtnetlink::Error>,
     },
+    /// A VXLAN VNI outside `1..=16777215` (24 bits; 0 is reserved).
+    #[error(
+        "invalid VXLAN VNI {vni}: it must be in 1..=16777215 (24 bits, 0 is reserved); check the vni parameter of \
+         the VXLAN mechanism"
+    )]
+    InvalidVni { vni: u32 },
+    /// The kernel refused the VXLAN device because another VXLAN device of
+    /// the same namespace already uses this VNI on this UDP port and address
+    /// family (EEXIST), whatever its remote or local address, and also when
+    /// that device has since been moved into another namespace.
+    #[error(
+        "VXLAN VNI {vni} on UDP port {port} ({family}) is already used by another VXLAN device whose socket lives \
+         in {netns}, so interface {name} cannot be created; the kernel allows one device per VNI, port and address \
+         family per namespace whatever its remote or local address (devices moved into pods still count); pick \
+         another VNI, or find and remove the stale device (ip -d link show type vxlan, also in pod namespaces: look \
+         for nsm- aliases)"
+    )]
+    VniInUse { netns: String, name: String, vni: u32, port: u16, family: &'static str },
+    /// Bringing a tunnel up failed because its UDP port is bound by another
+    /// socket (EADDRINUSE).
+    #[error(
+        "UDP port {port} of tunnel interface {name} is already bound by another socket in {netns} (the namespace \
+         of the tunnel's UDP socket); check `ss -uanp 'sport = :{port}'` there, then free the port or configure \
+         another one"
+    )]
+    PortInUse { netns: String, name: String, port: u16 },
+    /// No interface carries the address the tunnel should use.
+    #[error(
+        "no interface in {netns} has the address {ip}; check the configured tunnel IP (NSM_TUNNEL_IP) and that the \
+         forwarder runs in the node's network namespace (hostNetwork)"
+    )]
+    UnderlayNotFound { netns: String, ip: std::net::IpAddr },
+    /// A tunnel parameter the kernel would refuse or misinterpret.
+    #[error("invalid tunnel parameter for interface {name}: {what} {value}: {reason}")]
+    InvalidTunnel { name: String, what: &'static str, value: String, reason: &'static str },
     /// Writing a `/proc/sys` file inside the namespace failed.
     #[error(
         "writing {value:?} to {path} in {netns} failed: {source}; check that the interface exists and the kernel \

@@ -79,6 +79,12 @@ impl Metadata {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// True if connection `id` (as this hop names it) has storage, i.e. is
+    /// known to this process.
+    pub fn contains(&self, id: &str) -> bool {
+        self.map.lock().map(|m| m.contains_key(id)).unwrap_or(false)
+    }
 }
 
 #[async_trait]

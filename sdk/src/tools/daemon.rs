@@ -128,3 +128,18 @@ pub fn parse_or_exit<T: clap::Parser>() -> T {
         }
     }
 }
+
+/// The first IPv4 address of this netns that is neither loopback nor
+/// link-local (the default for public URLs and tunnel endpoints).
+pub fn first_global_ipv4() -> Option<std::net::IpAddr> {
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    for a in addrs {
+        if let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) {
+            let ip = sin.ip();
+            if !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified() {
+                return Some(std::net::IpAddr::V4(ip));
+            }
+        }
+    }
+    None
+}

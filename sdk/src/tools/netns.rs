@@ -513,6 +513,63 @@ fn find_by_inode(ino: u64) -> Result<NetnsHandle, NetnsError> {
     Err(NetnsError::NotFound { inode: ino })
 }
 
+/// Every distinct network namespace on the node that this process can
+/// open: the bind-mounted ones under /run/netns and /var/run/netns, then
+/// those of every process in /proc (`/proc/<pid>/ns/net`; namespaces held
+/// only by a thread, not a process, are not found). For orphan sweeps
+/// after a restart.
+///
+/// - Deduplicated by namespace inode; the first path found wins (named
+///   namespaces before process ones), and each handle is checked to be a
+///   network namespace ([`NetnsHandle::open`]).
+/// - Entries that vanish while scanning (exited processes, deleted
+///   namespaces) or cannot be opened (permissions) are skipped silently:
+///   the result is a best-effort snapshot, never an error.
+/// - Every returned handle keeps its namespace alive until dropped.
+///
+/// Blocking (reads /proc and may enter bind-mounted namespaces on a
+/// throwaway thread to identify them); call it from `spawn_blocking`.
+pub fn all_netns() -> Vec<NetnsHandle> {
+    let Ok(nsfs) = nsfs_dev() else { return Vec::new() };
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    let mut seen_dirs: Vec<PathBuf> = Vec::new();
+    for dir in NETNS_RUN_DIRS {
+        // /var/run is usually a symlink to /run: scan each real directory once.
+        let real = std::fs::canonicalize(dir).unwrap_or_else(|_| PathBuf::from(dir));
+        if seen_dirs.contains(&real) {
+            continue;
+        }
+        seen_dirs.push(real);
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            candidates.extend(rd.flatten().map(|e| e.path()));
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            if name.to_str().is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
+                candidates.push(e.path().join("ns/net"));
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for path in &candidates {
+        // stat first: cheap, skips files that are not namespaces (an
+        // unmounted /run/netns entry lives on tmpfs) and known inodes.
+        let Ok(meta) = std::fs::metadata(path) else { continue };
+        if meta.dev() != nsfs || seen.contains(&meta.ino()) {
+            continue;
+        }
+        if let Ok(h) = NetnsHandle::open(path)
+            && seen.insert(h.inode())
+        {
+            out.push(h);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
