@@ -10,11 +10,13 @@ use nsm_sdk::tools::daemon::shutdown_signal;
     name = "nsm-lab",
     version,
     about = "Local Network Service Mesh lab: network namespaces stand in for nodes and pods",
-    long_about = "Builds a node namespace running the registry, nsmgr and forwarder, an endpoint pod \
-                  (icmp-responder) and a client pod, connects the client to the endpoint over a real \
-                  veth wire with `nsc init`, proves it with ping both ways, prints the connection, and \
-                  tears everything down. Needs root, iproute2 and iputils-ping, and the workspace \
-                  binaries next to this one (cargo build --workspace --bins)."
+    long_about = "Builds two emulated clusters of two nodes each (network namespaces on a bridged \
+                  underlay, a router between the clusters), each node running nsmgr and forwarder and \
+                  node 1 of each cluster a registry; starts four endpoints (same node, other node, two \
+                  in the other cluster) and a client pod that connects to all of them with `nsc init` \
+                  over a veth pair, VXLAN and WireGuard; proves every wire with ping, prints the \
+                  connections, and tears everything down. Needs root, iproute2, iputils-ping and \
+                  wireguard-tools, and the workspace binaries next to this one."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -31,9 +33,6 @@ enum Cmd {
         /// Keep the lab running afterwards; remove it with `nsm-lab down`.
         #[arg(long)]
         keep: bool,
-        /// Address pool of the endpoint.
-        #[arg(long, default_value = "172.16.1.100/31")]
-        cidr: String,
         /// Log level of the daemons (logs go to /run/nsm-lab/<prefix>/*.log).
         #[arg(long, default_value = "INFO")]
         log_level: String,
@@ -45,7 +44,7 @@ enum Cmd {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cli = Cli::parse();
-    let cmd = cli.cmd.unwrap_or(Cmd::Run { keep: false, cidr: "172.16.1.100/31".into(), log_level: "INFO".into() });
+    let cmd = cli.cmd.unwrap_or(Cmd::Run { keep: false, log_level: "INFO".into() });
     match cmd {
         Cmd::Down => match down(&cli.prefix) {
             Ok(r) => {
@@ -61,8 +60,8 @@ async fn main() {
                 std::process::exit(1);
             }
         },
-        Cmd::Run { keep, cidr, log_level } => {
-            let code = run(&cli.prefix, DemoOpts { keep, cidr, log_level }).await;
+        Cmd::Run { keep, log_level } => {
+            let code = run(&cli.prefix, DemoOpts { keep, log_level }).await;
             std::process::exit(code);
         }
     }
