@@ -187,8 +187,16 @@ pub async fn remote(cfg: &Config) -> anyhow::Result<Option<Arc<remote::Remote>>>
     Ok(Some(remote::Remote::new(rc, node, wg, alloc::PortPool::new(lo, hi))))
 }
 
-/// Builds the forwarder chain.
-pub fn chain(cfg: &Config, remote: Option<Arc<remote::Remote>>) -> (Chain, Handles) {
+/// The identity this forwarder marks its interfaces with:
+/// `<name>@<inode of its netns>`. The name tells forwarders on one node
+/// apart; the netns inode tells apart forwarders of the same name on
+/// different nodes that share a kernel (the lab), and survives a restart.
+pub fn owner_id(cfg: &Config) -> anyhow::Result<String> {
+    Ok(format!("{}@{}", cfg.name, nsm_sdk::tools::netns::NetnsHandle::current()?.inode()))
+}
+
+/// Builds the forwarder chain; `owner` is [`owner_id`].
+pub fn chain(cfg: &Config, remote: Option<Arc<remote::Remote>>, owner: &str) -> (Chain, Handles) {
     let pool = ChannelPool::new(cfg.dial_timeout);
     let registry = RemoteRegistry::new(cfg.connect_to.clone(), pool.clone());
     let tokens = ExpiryOnly::new(cfg.max_token_lifetime);
@@ -216,7 +224,7 @@ pub fn chain(cfg: &Config, remote: Option<Arc<remote::Remote>>) -> (Chain, Handl
         // Try them in turn.
         RoundRobin::new(),
         // Build the wire (veth, or a tunnel end) once the far side answered.
-        xconnect::XConnect::new(&cfg.name, remote.clone()),
+        xconnect::XConnect::new(owner, remote.clone()),
         Connect::new(client),
     ];
     (Chain::new(elems), Handles { monitor, begin, metadata, remote })
@@ -230,9 +238,10 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let remote = remote(&cfg).await?;
-    let (chain, h) = chain(&cfg, remote);
+    let owner = owner_id(&cfg)?;
+    let (chain, h) = chain(&cfg, remote, &owner);
     let node = nsm_sdk::tools::netns::NetnsHandle::current()?;
-    let watched = sweep::start(&cfg.name, &node, h.metadata.clone(), cfg.orphan_grace).await;
+    let watched = sweep::start(&owner, &node, h.metadata.clone(), cfg.orphan_grace).await;
     if watched > 0 {
         tracing::info!(watched, "interfaces from a previous run are waiting to be adopted or removed");
     }

@@ -18,7 +18,7 @@
 //!   pair and closes the endpoint side: nothing is left behind.
 //! - Close removes the pair (deleting one end removes both), then closes the
 //!   endpoint side with the mechanism it chose.
-//! - Interfaces carry the alias `nsm:<forwarder>:<connection id>` ([`alias`]):
+//! - Interfaces carry the alias `nsm:<forwarder>@<node netns inode>:<connection id>` ([`alias`]):
 //!   a name that exists with another alias is never touched
 //!   (`AlreadyExists`).
 //!
@@ -79,8 +79,8 @@ impl LocalKernel {
     }
 }
 
-/// The alias marking an interface as built by forwarder `fwd` for its
-/// connection `conn_id`: `nsm:<fwd>:<conn_id>`. A name carrying another
+/// The alias marking an interface as built by forwarder `fwd` (its
+/// [`crate::owner_id`]) for its connection `conn_id`: `nsm:<fwd>:<conn_id>`. A name carrying another
 /// alias is never touched; after a restart the forwarder finds its own
 /// interfaces (adoption, orphan sweep) by it.
 pub fn alias(fwd: &str, conn_id: &str) -> String {

@@ -1,6 +1,7 @@
 //! Orphans: interfaces a previous run of this forwarder built and nobody
 //! closed (it was killed mid-connection), found by their alias
-//! `nsm:<forwarder>:<connection id>` in every network namespace on the node.
+//! `nsm:<forwarder>@<node netns inode>:<connection id>` in every network
+//! namespace on the node.
 //!
 //! # Guarantees
 //! - At start, tunnel devices still in the node netns (created but never
@@ -9,8 +10,9 @@
 //! - Interfaces in pods are given `grace` (by default the token lifetime:
 //!   the longest a live client can go without refreshing): a connection that
 //!   is refreshed in that time is adopted; the rest are removed.
-//! - Only interfaces carrying *this* forwarder's name in their alias are
-//!   touched, so several forwarders can share a node.
+//! - Only interfaces carrying *this* forwarder's identity (name and node
+//!   netns) in their alias are touched, so several forwarders can share a
+//!   node, and lab nodes sharing one kernel never touch each other's.
 
 use std::collections::HashSet;
 use std::sync::Arc;

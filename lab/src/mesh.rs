@@ -354,3 +354,33 @@ pub fn test_lab(test: &str) -> Lab {
     #[allow(clippy::expect_used)]
     Lab::new(&prefix, crate::default_bin_dir().expect("workspace binaries")).expect("lab")
 }
+
+/// What kind of interface `iface` in `netns` is: `veth`, `vxlan`, `tun`,
+/// `wireguard`, ... (from `ip -d link`), with its MTU.
+pub fn link_kind(lab: &Lab, netns: &str, iface: &str) -> anyhow::Result<(String, u32)> {
+    let out = lab.exec(netns, &["ip", "-d", "-o", "link", "show", iface], Duration::from_secs(5))?;
+    let s = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        bail!("no interface {iface} in {netns}");
+    }
+    let words: Vec<&str> = s.split_whitespace().collect();
+    let mtu =
+        words.iter().position(|w| *w == "mtu").and_then(|i| words.get(i + 1)).and_then(|m| m.parse().ok()).unwrap_or(0);
+    let kind = ["vxlan", "veth", "tun", "wireguard", "bridge"]
+        .into_iter()
+        .find(|k| words.contains(k))
+        .unwrap_or("other")
+        .to_string();
+    Ok((kind, mtu))
+}
+
+/// Pings `dst` once with DF set and a payload of `size` bytes.
+pub fn df_ping(lab: &Lab, netns: &str, iface: &str, dst: &str, size: u32) -> anyhow::Result<bool> {
+    let s = size.to_string();
+    let out = lab.exec(
+        netns,
+        &["ping", "-c", "1", "-W", "2", "-M", "do", "-s", &s, "-I", iface, dst],
+        Duration::from_secs(10),
+    )?;
+    Ok(out.status.success())
+}

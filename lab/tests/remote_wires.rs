@@ -1,0 +1,340 @@
+//! Cross-node and cross-cluster wires with the real binaries in real
+//! namespaces (root): VXLAN with ETHERNET and IP payload, the embedded
+//! userspace WireGuard, MTU (DF pings at the limit and one byte over),
+//! teardown after Close and after `kill -9` of a forwarder, and bad REMOTE
+//! input sent straight to a forwarder.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nsm_api::connection::{Connection, Mechanism, Path, PathSegment};
+use nsm_api::networkservice::NetworkServiceRequest;
+use nsm_api::networkservice::network_service_client::NetworkServiceClient;
+use nsm_lab::cluster;
+use nsm_lab::env::Lab;
+use nsm_lab::mesh::{self, NodeOpts, NscSummary, connections, df_ping, link_kind, links, nsc_init, ping};
+use nsm_sdk::tools::grpc::dial;
+
+fn ip_of(cidr: &str) -> String {
+    cidr.split('/').next().unwrap_or_default().to_string()
+}
+
+fn summary(lab: &Lab, node: &mesh::Node, pod: &str, nsurl: &str, extra: &[(&str, String)]) -> NscSummary {
+    let r = nsc_init(lab, node, pod, "nsc", nsurl, extra).unwrap();
+    assert!(r.ok, "nsc init {nsurl}: {}", r.stderr);
+    r.summaries[0].clone()
+}
+
+/// Pings both ways, checks the interface kind and the MTU limit on both
+/// sides; returns the endpoint-side interface name.
+fn check_wire(lab: &Lab, client: &str, nse_ns: &str, s: &NscSummary, kind: &str, mtu: u32) -> String {
+    let (k, m) = link_kind(lab, client, &s.interface).unwrap();
+    assert_eq!((k.as_str(), m), (kind, mtu), "the client's interface is the {kind} tunnel device itself");
+    let nse_if = links(lab, nse_ns).unwrap().remove(0);
+    let (k, m) = link_kind(lab, nse_ns, &nse_if).unwrap();
+    assert_eq!((k.as_str(), m), (kind, mtu), "endpoint side");
+    let (dst, src) = (ip_of(&s.dst_ips[0]), ip_of(&s.src_ips[0]));
+    let (ok, out) = ping(lab, client, &s.interface, &dst, 2).unwrap();
+    assert!(ok, "client -> endpoint over {kind}: {out}");
+    let (ok, out) = ping(lab, nse_ns, &nse_if, &src, 2).unwrap();
+    assert!(ok, "endpoint -> client over {kind}: {out}");
+    // ICMP + IPv4 headers are 28 bytes: a packet of exactly `mtu` passes
+    // with DF set, one byte more does not.
+    assert!(df_ping(lab, client, &s.interface, &dst, mtu - 28).unwrap(), "MTU-sized DF ping over {kind}");
+    assert!(!df_ping(lab, client, &s.interface, &dst, mtu - 27).unwrap(), "MTU+1 must fail cleanly");
+    nse_if
+}
+
+/// Nothing of the connection is left: pod interfaces, tunnel devices in the
+/// node namespaces, connection state at every hop.
+async fn assert_clean(lab: &Lab, pods: &[&str], nodes: &[&mesh::Node]) {
+    for p in pods {
+        let t0 = Instant::now();
+        while !links(lab, p).unwrap().is_empty() {
+            assert!(t0.elapsed() < Duration::from_secs(5), "{p} still has {:?}", links(lab, p).unwrap());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for n in nodes {
+        assert_eq!(links(lab, &n.netns).unwrap(), ["eth0"], "tunnel devices left in {}", n.netns);
+        for u in [&n.nsmgr_url, &n.forwarder_url] {
+            let t0 = Instant::now();
+            while !connections(u).await.unwrap().is_empty() {
+                assert!(t0.elapsed() < Duration::from_secs(5), "{u} still reports connections");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn wg_socket(forwarder_conn_id: &str) -> std::path::PathBuf {
+    let name = nsm_forwarder::remote::node_ifname("WIREGUARD", forwarder_conn_id);
+    std::path::PathBuf::from(format!("/var/run/wireguard/{name}.sock"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_node_vxlan_ethernet_and_ip_payload() {
+    let mut lab = mesh::test_lab("xvx");
+    let opts = NodeOpts {
+        // IP payload over VXLAN too: VXLAN first.
+        forwarder_env: vec![("NSM_MECHANISM_PRIORITY".into(), "VXLAN,WIREGUARD".into())],
+        ..Default::default()
+    };
+    let topo = cluster::build(&mut lab, 1, 2, &opts).await.unwrap();
+    let (n1, n2) = (topo.node(1, 1).clone(), topo.node(1, 2).clone());
+    let l2 = mesh::start_nse(&mut lab, &n2, "nse-l2", "l2", "172.16.20.0/31", &[("NSM_PAYLOAD", "ETHERNET".into())])
+        .await
+        .unwrap();
+    let l3 = mesh::start_nse(&mut lab, &n2, "nse-l3", "l3", "172.16.21.0/31", &[("NSM_PAYLOAD", "IP".into())])
+        .await
+        .unwrap();
+    let c1 = lab.add_netns("pod1").unwrap();
+    let c2 = lab.add_netns("pod2").unwrap();
+
+    let s = summary(&lab, &n1, &c1, "kernel://l2/nsm-1", &[]);
+    assert_eq!(s.path, ["nsc", "nsmgr-c1n1", "forwarder-c1n1", "nsmgr-c1n2", "forwarder-c1n2", "nse-l2"], "six hops");
+    check_wire(&lab, &c1, &l2.netns, &s, "vxlan", 1450);
+    // L2: the peers resolve each other with ARP.
+    let n = lab.exec(&c1, &["ip", "neigh", "show", "dev", "nsm-1"], Duration::from_secs(5)).unwrap();
+    assert!(!String::from_utf8_lossy(&n.stdout).contains("PERMANENT"), "ETHERNET payload uses ARP");
+
+    let s = summary(&lab, &n1, &c2, "kernel://l3/nsm-1", &[]);
+    check_wire(&lab, &c2, &l3.netns, &s, "vxlan", 1450);
+    // L3: the peer's address is a permanent neighbour (no ARP needed).
+    let n = lab.exec(&c2, &["ip", "neigh", "show", "dev", "nsm-1"], Duration::from_secs(5)).unwrap();
+    let n = String::from_utf8_lossy(&n.stdout);
+    assert!(n.contains(&ip_of(&s.dst_ips[0])) && n.contains("PERMANENT"), "{n}");
+    // The VNIs of the two tunnels differ (unique per node).
+    let vni = |pod: &str| {
+        let o = lab.exec(pod, &["ip", "-d", "-o", "link", "show", "nsm-1"], Duration::from_secs(5)).unwrap();
+        let s = String::from_utf8_lossy(&o.stdout).to_string();
+        let e = String::from_utf8_lossy(&o.stderr).to_string();
+        s.split_whitespace()
+            .skip_while(|w| *w != "id")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no VNI in `ip -d link` of {pod} ({:?}): {s:?} {e:?}", o.status))
+            .to_string()
+    };
+    assert_ne!(vni(&c1), vni(&c2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_cluster_wireguard_and_vxlan_then_close() {
+    let mut lab = mesh::test_lab("xcl");
+    let topo = cluster::build(&mut lab, 2, 1, &NodeOpts::default()).await.unwrap();
+    let (a, b) = (topo.node(1, 1).clone(), topo.node(2, 1).clone());
+    let ipn = mesh::start_nse(&mut lab, &b, "nse-ip", "secure", "172.16.30.0/31", &[("NSM_PAYLOAD", "IP".into())])
+        .await
+        .unwrap();
+    let eth =
+        mesh::start_nse(&mut lab, &b, "nse-eth", "bridge", "172.16.31.0/31", &[("NSM_PAYLOAD", "ETHERNET".into())])
+            .await
+            .unwrap();
+    let pod = lab.add_netns("pod").unwrap();
+    let nsurls = "kernel://secure@my.cluster2/nsm-1,kernel://bridge@my.cluster2/nsm-2";
+    mesh::spawn_nsc_sidecar(&mut lab, "client", &a, &pod, "nsc", nsurls, &[]).unwrap();
+    let t0 = Instant::now();
+    while links(&lab, &pod).unwrap().len() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(15), "wires not up: {}", lab.log_tail("client", 20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let by_iface = |iface: &str, svc: &str, nse: &str| NscSummary {
+        id: String::new(),
+        network_service: svc.into(),
+        interface: iface.into(),
+        src_ips: vec![],
+        dst_ips: vec![],
+        nse: nse.into(),
+        path: vec![],
+        setup_ms: 0.0,
+        adopted: false,
+    };
+    // Addresses as the endpoints' IPAM hands them out (.0 endpoint, .1 client).
+    let mut wg = by_iface("nsm-1", "secure@my.cluster2", "nse-ip");
+    wg.src_ips = vec!["172.16.30.1/32".into()];
+    wg.dst_ips = vec!["172.16.30.0/32".into()];
+    check_wire(&lab, &pod, &ipn.netns, &wg, "tun", 1440);
+    let mut vx = by_iface("nsm-2", "bridge@my.cluster2", "nse-eth");
+    vx.src_ips = vec!["172.16.31.1/32".into()];
+    vx.dst_ips = vec!["172.16.31.0/32".into()];
+    check_wire(&lab, &pod, &eth.netns, &vx, "vxlan", 1450);
+
+    // `wg show` reads both userspace devices through their UAPI sockets.
+    let fwd_a = connections(&a.forwarder_url).await.unwrap();
+    let fwd_b = connections(&b.forwarder_url).await.unwrap();
+    let wg_ids: Vec<String> = fwd_a
+        .iter()
+        .chain(fwd_b.iter())
+        .filter(|c| c.network_service.starts_with("secure"))
+        .map(|c| c.id.clone())
+        .collect();
+    assert_eq!(wg_ids.len(), 2, "one WireGuard connection on each forwarder");
+    for id in &wg_ids {
+        let sock = wg_socket(id);
+        assert!(sock.exists(), "{} missing", sock.display());
+        let name = sock.file_stem().unwrap().to_string_lossy().to_string();
+        let o = lab.exec(&a.netns, &["wg", "show", &name], Duration::from_secs(5)).unwrap();
+        let show = String::from_utf8_lossy(&o.stdout);
+        assert!(show.contains("latest handshake") && show.contains("public key"), "wg show {name}:\n{show}");
+    }
+
+    // Close (SIGTERM to the client): nothing is left anywhere.
+    lab.stop("client", Duration::from_secs(5)).unwrap();
+    assert_clean(&lab, &[&pod, &ipn.netns, &eth.netns], &[&a, &b]).await;
+    for id in &wg_ids {
+        assert!(!wg_socket(id).exists(), "UAPI socket {} left behind", wg_socket(id).display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_forwarders_leave_no_orphans() {
+    let mut lab = mesh::test_lab("orph");
+    let opts = NodeOpts { forwarder_env: vec![("NSM_ORPHAN_GRACE".into(), "2s".into())], ..Default::default() };
+    let topo = cluster::build(&mut lab, 1, 2, &opts).await.unwrap();
+    let (n1, n2) = (topo.node(1, 1).clone(), topo.node(1, 2).clone());
+    let vx = mesh::start_nse(&mut lab, &n2, "nse-vx", "vx", "172.16.40.0/31", &[("NSM_PAYLOAD", "ETHERNET".into())])
+        .await
+        .unwrap();
+    let wgn = mesh::start_nse(&mut lab, &n2, "nse-wg", "wg", "172.16.41.0/31", &[("NSM_PAYLOAD", "IP".into())])
+        .await
+        .unwrap();
+    let pod = lab.add_netns("pod").unwrap();
+    let r = nsc_init(&lab, &n1, &pod, "nsc", "kernel://vx/nsm-1,kernel://wg/nsm-2", &[]).unwrap();
+    assert!(r.ok, "{}", r.stderr);
+    let wg_ids: Vec<String> = connections(&n1.forwarder_url)
+        .await
+        .unwrap()
+        .into_iter()
+        .chain(connections(&n2.forwarder_url).await.unwrap())
+        .filter(|c| c.network_service == "wg")
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(links(&lab, &pod).unwrap().len(), 2);
+
+    // kill -9 both forwarders mid-connection (nobody closes), restart them.
+    lab.signal(&n1.forwarder_name, Signal::SIGKILL).unwrap();
+    lab.signal(&n2.forwarder_name, Signal::SIGKILL).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The userspace WireGuard TUNs die with their process; the VXLAN
+    // devices are kernel objects and stay.
+    assert_eq!(links(&lab, &pod).unwrap(), ["nsm-1"]);
+    mesh::start_forwarder(&mut lab, &n1, &opts).await.unwrap();
+    mesh::start_forwarder(&mut lab, &n2, &opts).await.unwrap();
+    for id in &wg_ids {
+        assert!(!wg_socket(id).exists(), "stale UAPI socket {} not removed at start", wg_socket(id).display());
+    }
+    // Nobody refreshes these connections: after NSM_ORPHAN_GRACE the
+    // restarted forwarders remove what the killed ones built.
+    let t0 = Instant::now();
+    while !links(&lab, &pod).unwrap().is_empty() || !links(&lab, &vx.netns).unwrap().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "orphans left: pod {:?}, endpoint {:?}",
+            links(&lab, &pod).unwrap(),
+            links(&lab, &vx.netns).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(links(&lab, &wgn.netns).unwrap().is_empty());
+    assert_eq!(links(&lab, &n1.netns).unwrap(), ["eth0"]);
+    assert_eq!(links(&lab, &n2.netns).unwrap(), ["eth0"]);
+}
+
+/// Sends a request with the given REMOTE preference straight to the
+/// forwarder of `node`, as another node's forwarder would via the nsmgr.
+async fn remote_request(node: &mesh::Node, service: &str, nse: &str, m: Mechanism) -> tonic::Status {
+    let ch = dial(&node.forwarder_url, Duration::from_secs(2)).await.unwrap();
+    let req = NetworkServiceRequest {
+        connection: Some(Connection {
+            id: "peer-1".into(),
+            network_service: service.into(),
+            network_service_endpoint_name: nse.into(),
+            path: Some(Path {
+                index: 0,
+                path_segments: vec![PathSegment {
+                    name: "nsmgr-far".into(),
+                    id: "peer-1".into(),
+                    ..Default::default()
+                }],
+            }),
+            ..Default::default()
+        }),
+        mechanism_preferences: vec![m],
+    };
+    NetworkServiceClient::new(ch).request(req).await.unwrap_err()
+}
+
+fn remote(t: &str, params: &[(&str, &str)]) -> Mechanism {
+    Mechanism {
+        cls: "REMOTE".into(),
+        r#type: t.into(),
+        parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_remote_input_is_refused_and_nothing_is_built() {
+    let mut lab = mesh::test_lab("bad");
+    let opts = NodeOpts {
+        // One WireGuard port only, so we can occupy it.
+        forwarder_env: vec![("NSM_WIREGUARD_PORTS".into(), "51999-51999".into())],
+        ..Default::default()
+    };
+    let topo = cluster::build(&mut lab, 1, 2, &opts).await.unwrap();
+    let (n1, n2) = (topo.node(1, 1).clone(), topo.node(1, 2).clone());
+    let e =
+        mesh::start_nse(&mut lab, &n2, "nse1", "svc", "172.16.50.0/31", &[("NSM_PAYLOAD", "IP".into())]).await.unwrap();
+    let key = "K9JdWl8DdvNAAt1BVhsbb7lw+ytPQhJAHu2u/IGyp2E=";
+    let cases = [
+        (
+            remote("WIREGUARD", &[("src_ip", "10.1.0.1"), ("src_port", "51820"), ("src_public_key", "bm90LWEta2V5")]),
+            "src_public_key",
+        ),
+        (remote("WIREGUARD", &[("src_port", "51820"), ("src_public_key", key)]), "no src_ip"),
+        (remote("WIREGUARD", &[("src_ip", "10.1.0.999"), ("src_port", "51820"), ("src_public_key", key)]), "src_ip"),
+        (remote("VXLAN", &[("src_ip", "10.1.0.1"), ("src_port", "4789"), ("vni", "16777216")]), "vni"),
+        (remote("VXLAN", &[("src_ip", "10.1.0.1"), ("src_port", "4789"), ("vni", "0")]), "vni"),
+        (remote("VXLAN", &[("src_ip", "10.1.0.1"), ("src_port", "8472")]), "NSM_VXLAN_PORT"),
+        (remote("GRE", &[("src_ip", "10.1.0.1")]), "no supported REMOTE mechanism"),
+    ];
+    for (m, what) in cases {
+        let st = remote_request(&n2, "svc", "nse1", m.clone()).await;
+        assert_eq!(st.code(), tonic::Code::InvalidArgument, "{m:?}: {st:?}");
+        assert!(st.message().contains(what), "{what:?} not named in {:?}", st.message());
+    }
+    assert!(links(&lab, &e.netns).unwrap().is_empty(), "nothing reached the endpoint pod");
+    assert_eq!(links(&lab, &n2.netns).unwrap(), ["eth0"]);
+    assert!(connections(&n2.forwarder_url).await.unwrap().is_empty());
+    assert!(connections(&e.url).await.unwrap().is_empty(), "the endpoint was never asked");
+
+    // Ports in use on the endpoint's node: WireGuard's only port, and VXLAN's.
+    let hold = |port: u16| {
+        let ns = n2.netns.clone();
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &ns, "python3", "-c"]).arg(format!(
+            "import socket,time; s=socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.bind(('::', {port})); print('ok', flush=True); time.sleep(60)"
+        ));
+        c.stdout(std::process::Stdio::piped()).spawn().unwrap()
+    };
+    let mut holder = hold(51999);
+    std::thread::sleep(Duration::from_millis(300));
+    let pod = lab.add_netns("pod").unwrap();
+    let r = nsc_init(&lab, &n1, &pod, "nsc", "kernel://svc/nsm-1", &[("NSM_REQUEST_TIMEOUT", "3s".into())]).unwrap();
+    assert!(!r.ok);
+    assert!(r.stderr.contains("51999") && r.stderr.contains("in use"), "{}", r.stderr);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let e2 = mesh::start_nse(&mut lab, &n2, "nse2", "l2", "172.16.51.0/31", &[("NSM_PAYLOAD", "ETHERNET".into())])
+        .await
+        .unwrap();
+    let mut holder = hold(4789);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = nsc_init(&lab, &n1, &pod, "nsc2", "kernel://l2/nsm-2", &[("NSM_REQUEST_TIMEOUT", "3s".into())]).unwrap();
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(!r.ok);
+    assert!(r.stderr.contains("4789"), "{}", r.stderr);
+    assert_clean(&lab, &[&pod, &e.netns, &e2.netns], &[&n1, &n2]).await;
+}
