@@ -9,6 +9,9 @@ command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v pkill >/dev/null 2>&1 || need+=(procps)
 command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
 command -v python3 >/dev/null 2>&1 || need+=(python3 python3-pip)
+command -v wg >/dev/null 2>&1 || need+=(wireguard-tools)
+command -v wireguard-go >/dev/null 2>&1 || need+=(wireguard-go)
+command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
 if [ ${#need[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
     echo "setup: missing tools (${need[*]}) and no apt-get to install them" >&2

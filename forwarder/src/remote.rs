@@ -446,7 +446,7 @@ impl Remote {
                     }
                     t.mac = Some(mac);
                     let spec = VxlanSpec {
-                        name: node_if.clone(),
+                        name: pod_if.to_string(),
                         vni,
                         local: self.cfg.tunnel_ip,
                         remote: dst_ip,
@@ -455,7 +455,7 @@ impl Remote {
                         mac: Some(mac),
                         alias: alias.to_string(),
                     };
-                    self.ensure_vxlan(&spec, pod_ns, pod_if).await?;
+                    self.ensure_vxlan(&spec, pod_ns).await.map_err(vxlan_error)?;
                     if pl == payload::IP
                         && let Some(peer_mac) = res
                             .context
@@ -497,6 +497,7 @@ impl Remote {
                                 allowed_ips: allowed,
                                 persistent_keepalive: keepalive,
                                 mtu,
+                                tun_in: None,
                             };
                             self.create_wg(wg, &node_if, cfg, pod_ns, pod_if, alias).await?
                         }
@@ -605,16 +606,13 @@ impl Remote {
                         self.cfg.vxlan_port
                     )));
                 }
+                // A VNI negotiated before (a refresh, or we restarted) is
+                // kept, so the device in the pod is reused or adopted; a new
+                // tunnel gets one by upstream's even/odd rule (replaced below
+                // if the kernel refuses it).
                 let lease = match prev.as_ref().and_then(|p| p.vni.clone()) {
                     Some(l) => l,
-                    None => match vni_param(&chosen)? {
-                        // A VNI negotiated before (we restarted): keep it, so
-                        // the device still in the pod is adopted.
-                        Some(v) => Arc::new(self.claim_vni(src_ip, Some(v))?),
-                        // A new tunnel: create the device now, so a VNI the
-                        // kernel refuses is replaced before anything else.
-                        None => Arc::new(self.new_vxlan(src_ip, &conn_id, mtu, mac, &alias).await?),
-                    },
+                    None => Arc::new(self.claim_vni(src_ip, vni_param(&chosen)?)?),
                 };
                 incoming.parameters.insert(common::DST_PORT.into(), self.cfg.vxlan_port.to_string());
                 incoming.parameters.insert(vxlan::VNI.into(), lease.vni().to_string());
@@ -702,8 +700,8 @@ impl Remote {
                 match t.kind.as_str() {
                     types::VXLAN => {
                         t.mac = Some(mac);
-                        let spec = VxlanSpec {
-                            name: t.node_if.clone(),
+                        let mut spec = VxlanSpec {
+                            name: nse_if.clone(),
                             vni: vni.as_ref().map(|v| v.vni()).unwrap_or_default(),
                             local: self.cfg.tunnel_ip,
                             remote: src_ip,
@@ -712,7 +710,24 @@ impl Remote {
                             mac: Some(mac),
                             alias: alias.clone(),
                         };
-                        self.ensure_vxlan(&spec, &nse_ns, &nse_if).await?;
+                        // A VNI the kernel refuses (a device this table does
+                        // not know, e.g. another forwarder's) is replaced,
+                        // unless it was negotiated before.
+                        let negotiated = prev.is_some() || vni_param(&chosen)?.is_some();
+                        let mut attempts = 0;
+                        loop {
+                            match self.ensure_vxlan(&spec, &nse_ns).await {
+                                Ok(()) => break,
+                                Err(KernelError::VniInUse { .. }) if !negotiated && attempts < 8 => {
+                                    attempts += 1;
+                                    let l = Arc::new(self.claim_vni(src_ip, None)?);
+                                    spec.vni = l.vni();
+                                    t.remote_mech.parameters.insert(vxlan::VNI.into(), l.vni().to_string());
+                                    t.vni = Some(l);
+                                }
+                                Err(e) => return Err(vxlan_error(e)),
+                            }
+                        }
                         if pl == payload::IP
                             && let Some(peer_mac) = res
                                 .context
@@ -759,6 +774,7 @@ impl Remote {
                                     allowed_ips: allowed,
                                     persistent_keepalive: keepalive,
                                     mtu,
+                                    tun_in: None,
                                 };
                                 self.create_wg(wg, &t.node_if, cfg, &nse_ns, &nse_if, &alias).await?
                             }
@@ -795,8 +811,10 @@ impl Remote {
                     mtu,
                     "endpoint end of the tunnel ready"
                 );
+                // The mechanism as built (the VNI may have been replaced).
+                let m = t.remote_mech.clone();
                 meta.server_insert(t);
-                res.mechanism = Some(incoming);
+                res.mechanism = Some(m);
                 res.context.get_or_insert_with(ConnectionContext::default).mtu = mtu;
                 Ok(res)
             }
@@ -827,59 +845,19 @@ impl Remote {
         Err(Status::resource_exhausted(format!("could not find a free VNI towards {peer}")))
     }
 
-    /// Server side of a new VXLAN tunnel: picks a VNI (upstream's even/odd
-    /// rule) and creates the device in the node netns, picking another VNI
-    /// if the kernel already has this one (a device this table does not
-    /// know, e.g. from another forwarder).
-    async fn new_vxlan(
-        &self,
-        peer: IpAddr,
-        conn_id: &str,
-        mtu: u32,
-        mac: [u8; 6],
-        alias: &str,
-    ) -> Result<VniLease, Status> {
-        let mut last = None;
-        for _ in 0..8 {
-            let lease = self.claim_vni(peer, None)?;
-            let spec = VxlanSpec {
-                name: node_ifname(types::VXLAN, conn_id),
-                vni: lease.vni(),
-                local: self.cfg.tunnel_ip,
-                remote: peer,
-                port: self.cfg.vxlan_port,
-                mtu,
-                mac: Some(mac),
-                alias: alias.to_string(),
-            };
-            match k::create_vxlan(&self.node, &spec).await {
-                Ok(_) => return Ok(lease),
-                Err(e @ KernelError::VniInUse { .. }) => last = Some(e),
-                Err(e) => return Err(vxlan_error(e)),
-            }
-        }
-        Err(vxlan_error(last.unwrap_or(KernelError::InvalidVni { vni: 0 })))
-    }
-
     // === devices ===
 
-    /// Creates the VXLAN device in the node netns and moves it into the pod,
-    /// unless the pod already has it (refresh, or adoption after a restart).
-    async fn ensure_vxlan(&self, spec: &VxlanSpec, pod_ns: &NetnsHandle, pod_if: &str) -> Result<(), Status> {
-        if let Some(l) = k::link_info(pod_ns, pod_if).await.map_err(kernel_error)?
+    /// Creates the VXLAN device in the pod (its UDP socket in the node
+    /// netns) unless the pod already has it (refresh, or adoption after a
+    /// restart).
+    async fn ensure_vxlan(&self, spec: &VxlanSpec, pod_ns: &NetnsHandle) -> Result<(), KernelError> {
+        if let Some(l) = k::link_info(pod_ns, &spec.name).await?
             && l.alias == spec.alias
             && l.kind.as_deref() == Some("vxlan")
         {
             return Ok(());
         }
-        if k::link_info(&self.node, &spec.name).await.map_err(kernel_error)?.is_none() {
-            k::create_vxlan(&self.node, spec).await.map_err(vxlan_error)?;
-        }
-        if let Err(e) = k::move_and_rename(&self.node, &spec.name, pod_ns, pod_if, &spec.alias).await {
-            let _ = k::delete_link(&self.node, &spec.name, Some(&spec.alias)).await;
-            return Err(kernel_error(e));
-        }
-        Ok(())
+        k::create_vxlan_in(&self.node, pod_ns, spec).await.map(|_| ())
     }
 
     async fn create_wg(
@@ -893,8 +871,15 @@ impl Remote {
     ) -> Result<WgHandle, Status> {
         let name = node_if.to_string();
         let port = cfg.listen_port;
-        // Creating the device opens the TUN and binds the UDP socket in this
-        // (the node's) netns and starts its threads: keep it off the workers.
+        let in_place = wg.kind() == "userspace";
+        let mut cfg = cfg;
+        if in_place {
+            // The TUN is born in the pod under its final name; the UDP
+            // socket stays in this (the node's) netns.
+            cfg.tun_in = Some((pod_ns.clone(), pod_if.to_string()));
+        }
+        // Creating the device opens the TUN and binds the UDP socket and
+        // starts its threads: keep it off the async workers.
         let dev = tokio::task::spawn_blocking(move || wg.create(&name, &cfg))
             .await
             .map_err(|e| Status::internal(format!("WireGuard device task failed: {e}")))?
@@ -905,7 +890,12 @@ impl Remote {
                 other => Status::internal(other.to_string()),
             })?;
         let h = WgHandle::new(dev);
-        if let Err(e) = k::move_and_rename(&self.node, node_if, pod_ns, pod_if, alias).await {
+        let placed = if in_place {
+            k::set_alias(pod_ns, pod_if, alias).await
+        } else {
+            k::move_and_rename(&self.node, node_if, pod_ns, pod_if, alias).await.map(|_| ())
+        };
+        if let Err(e) = placed {
             h.close();
             return Err(kernel_error(e));
         }

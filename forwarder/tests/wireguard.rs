@@ -62,6 +62,7 @@ fn cfg(private: &Key, port: u16, peer: &Key, endpoint: Option<&str>, allowed: &[
         allowed_ips: allowed.iter().map(|a| a.parse::<IpNetwork>().unwrap()).collect(),
         persistent_keepalive: None,
         mtu: MTU,
+        tun_in: None,
     }
 }
 
@@ -164,6 +165,42 @@ async fn two_nodes_pods_ping_and_mtu() {
     let show = ok(&u.a, &["wg", "show", &na]);
     assert!(show.contains(&ka.public.to_base64()) && show.contains("latest handshake"), "{show}");
     assert!(show.contains("endpoint: 10.71.0.2:51820") && show.contains("allowed ips: 172.16.1.2/32"), "{show}");
+    dev_a.close();
+    dev_b.close();
+    assert!(!link_exists(&pod_a, "nsm-1") && !link_exists(&pod_b, "nsm-1"));
+}
+
+/// The TUN created in place in the pod (`tun_in`): the pod gets `nsm-1`
+/// directly, the UDP socket stays in the node netns, nothing is moved.
+#[tokio::test]
+async fn tun_created_in_place_in_the_pod() {
+    let u = Underlay::new(72);
+    let (pod_a, pod_b) = (TestNetns::new("fwdwg"), TestNetns::new("fwdwg"));
+    let (ka, kb) = (KeyPair::generate(), KeyPair::generate());
+    let (na, nb) = (dev_name("i1"), dev_name("i2"));
+    let mut ca = cfg(&ka.private, 51820, &kb.public, Some("10.72.0.2:51820"), &["172.16.2.2/32"]);
+    ca.tun_in = Some((pod_a.handle().clone(), "nsm-1".into()));
+    let mut cb = cfg(&kb.private, 51820, &ka.public, Some("10.72.0.1:51820"), &["172.16.2.1/32"]);
+    cb.tun_in = Some((pod_b.handle().clone(), "nsm-1".into()));
+    let dev_a = create_in(&u.a, &na, ca).await.unwrap();
+    let dev_b = create_in(&u.b, &nb, cb).await.unwrap();
+    assert!(link_exists(&pod_a, "nsm-1") && !link_exists(&u.a, &na), "born in the pod, never in the node");
+    assert!(ok(&u.a, &["ss", "-uln"]).contains(":51820"), "the UDP socket lives in the node netns");
+    for (pod, me, peer) in [(&pod_a, "172.16.2.1", "172.16.2.2"), (&pod_b, "172.16.2.2", "172.16.2.1")] {
+        ok(pod, &["ip", "addr", "add", &format!("{me}/32"), "dev", "nsm-1"]);
+        ok(pod, &["ip", "route", "add", &format!("{peer}/32"), "dev", "nsm-1"]);
+    }
+    ping(&pod_a, "172.16.2.2");
+    ping(&pod_b, "172.16.2.1");
+    assert!(ok(&u.a, &["wg", "show", &na]).contains("latest handshake"));
+    // A name taken in the pod is refused and leaves nothing behind.
+    let kc = KeyPair::generate();
+    let mut cc = cfg(&kc.private, 51821, &kb.public, None, &[]);
+    cc.tun_in = Some((pod_a.handle().clone(), "nsm-1".into()));
+    let nc = dev_name("i3");
+    let e = create_in(&u.a, &nc, cc).await.err().unwrap();
+    assert!(matches!(e, WgError::NameTaken { .. }), "{e}");
+    assert!(!std::path::Path::new(&format!("/var/run/wireguard/{nc}.sock")).exists());
     dev_a.close();
     dev_b.close();
     assert!(!link_exists(&pod_a, "nsm-1") && !link_exists(&pod_b, "nsm-1"));

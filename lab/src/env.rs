@@ -233,6 +233,11 @@ impl Lab {
         self.save()
     }
 
+    /// The pid of daemon `name`.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.procs.iter().find(|p| p.name == name).map(|p| p.child.id())
+    }
+
     /// The daemon called `name`.
     pub fn proc(&mut self, name: &str) -> Option<&mut Proc> {
         self.procs.iter_mut().find(|p| p.name == name)

@@ -6,7 +6,9 @@
 //! # Layout
 //! - [`env`]: namespaces, processes, state directory, teardown.
 //! - [`mesh`]: nodes, endpoints, clients and queries built on [`env`].
+//! - [`cluster`]: multi-node, multi-cluster topologies.
 //! - [`demo`]: the scenario `nsm-lab run` shows.
+//! - [`bench`]: throughput and setup latency (`nsm-lab bench`).
 
 /// `println!` that ignores a closed stdout (`nsm-lab | head`): the lab must
 /// reach its teardown, not panic on a broken pipe.
@@ -30,6 +32,7 @@ macro_rules! say_part {
     }};
 }
 
+pub mod bench;
 pub mod cluster;
 pub mod demo;
 pub mod env;

@@ -1,6 +1,7 @@
 //! `nsm-lab`: the local NSM lab. See `nsm-lab --help`.
 
 use clap::{Parser, Subcommand};
+use nsm_lab::bench::BenchOpts;
 use nsm_lab::demo::{self, DemoOpts};
 use nsm_lab::{Lab, default_bin_dir, down};
 use nsm_sdk::tools::daemon::shutdown_signal;
@@ -39,6 +40,32 @@ enum Cmd {
     },
     /// Remove a kept (or crashed) lab: its processes, namespaces and state.
     Down,
+    /// Measure throughput (iperf3) and connection setup latency, with
+    /// baselines from the same run; prints a table (use a release build:
+    /// scripts/bench.sh).
+    Bench {
+        /// iperf3 duration per throughput row, seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Connections per setup-latency row.
+        #[arg(long, default_value_t = 200)]
+        connections: usize,
+        /// Also write the report (Markdown) to this file.
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+    },
+    /// (internal) The bench's client, run inside a pod namespace.
+    #[command(hide = true)]
+    BenchClient {
+        #[arg(long)]
+        connect_to: String,
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        concurrency: usize,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -63,6 +90,19 @@ async fn main() {
         Cmd::Run { keep, log_level } => {
             let code = run(&cli.prefix, DemoOpts { keep, log_level }).await;
             std::process::exit(code);
+        }
+        Cmd::Bench { seconds, connections, output } => {
+            let code = bench(&cli.prefix, BenchOpts { seconds, connections, output }).await;
+            std::process::exit(code);
+        }
+        Cmd::BenchClient { connect_to, service, count, concurrency } => {
+            match nsm_lab::bench::client(&connect_to, &service, count, concurrency).await {
+                Ok(rep) => nsm_lab::say!("{}", serde_json::to_string(&rep).unwrap_or_default()),
+                Err(e) => {
+                    eprintln!("nsm-lab bench-client: {e:#}");
+                    std::process::exit(1);
+                }
+            }
         }
     }
 }
@@ -125,4 +165,33 @@ async fn run(prefix: &str, opts: DemoOpts) -> i32 {
         return 1;
     }
     code
+}
+
+async fn bench(prefix: &str, opts: BenchOpts) -> i32 {
+    let bin_dir = match default_bin_dir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("nsm-lab: {e:#}");
+            return 64;
+        }
+    };
+    let mut lab = match Lab::new(prefix, bin_dir) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("nsm-lab: {e:#}");
+            return 1;
+        }
+    };
+    let res = tokio::select! {
+        r = nsm_lab::bench::run(&mut lab, &opts) => r,
+        _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+    };
+    lab.shutdown().await;
+    match res {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("nsm-lab: {e:#}");
+            1
+        }
+    }
 }

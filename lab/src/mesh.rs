@@ -207,7 +207,21 @@ pub async fn start_forwarder(lab: &mut Lab, node: &Node, opts: &NodeOpts) -> any
     }
     let extra: Vec<(&str, String)> = opts.forwarder_env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     env.extend(extra);
+    // A restarted forwarder's name may still be registered by its
+    // predecessor, so registration alone proves nothing: wait until this
+    // process answers on its socket (its server starts after its start-up
+    // sweep; a dead predecessor's socket file refuses connections).
     lab.spawn(&node.forwarder_name, &node.netns, "forwarder", &env)?;
+    let t0 = Instant::now();
+    while connections(&node.forwarder_url).await.is_err() {
+        if !lab.running(&node.forwarder_name) {
+            bail!("{} exited during start-up:\n{}", node.forwarder_name, lab.log_tail(&node.forwarder_name, 15));
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("{} did not start within 20 s:\n{}", node.forwarder_name, lab.log_tail(&node.forwarder_name, 15));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     wait_registered(lab, node, &node.forwarder_name, Duration::from_secs(20)).await
 }
 

@@ -223,7 +223,16 @@ async fn killed_forwarders_leave_no_orphans() {
     mesh::start_forwarder(&mut lab, &n1, &opts).await.unwrap();
     mesh::start_forwarder(&mut lab, &n2, &opts).await.unwrap();
     for id in &wg_ids {
-        assert!(!wg_socket(id).exists(), "stale UAPI socket {} not removed at start", wg_socket(id).display());
+        let sock = wg_socket(id);
+        if sock.exists() {
+            let ss = std::process::Command::new("ss").args(["-xlp"]).output().unwrap();
+            let who: Vec<String> = String::from_utf8_lossy(&ss.stdout)
+                .lines()
+                .filter(|l| l.contains(&*sock.to_string_lossy()))
+                .map(str::to_string)
+                .collect();
+            panic!("stale UAPI socket {} not removed at start; listeners: {who:?}; ids {wg_ids:?}", sock.display());
+        }
     }
     // Nobody refreshes these connections: after NSM_ORPHAN_GRACE the
     // restarted forwarders remove what the killed ones built.

@@ -330,3 +330,15 @@ pub async fn links_with_alias_prefix(
         })
         .collect())
 }
+
+/// Sets the alias of `ifname` in `ns` (the ownership mark of an interface
+/// created in place, e.g. a TUN opened inside the pod).
+pub async fn set_alias(ns: &NetnsHandle, ifname: &str, alias: &str) -> Result<(), KernelError> {
+    validate_alias(ifname, alias)?;
+    let nl = ns.netlink().await?;
+    let info = get_link(&nl, ns, ifname)
+        .await?
+        .ok_or_else(|| KernelError::LinkNotFound { netns: ns.describe().to_string(), name: ifname.to_string() })?;
+    let msg = rtnetlink::LinkUnspec::new_with_index(info.index).alias(alias.to_string()).build();
+    nl.link().set(msg).execute().await.map_err(|e| KernelError::netlink("setting the alias", ns, ifname, e))
+}

@@ -373,6 +373,97 @@ pub async fn create_vxlan(node: &NetnsHandle, spec: &VxlanSpec) -> Result<u32, K
     }
 }
 
+/// Creates the VXLAN netdev `spec.name` directly in `pod`, from a netlink
+/// socket in `node`: the kernel keeps the device's UDP socket and underlay
+/// lookups in `node` (the request's netns; `ip -d link` shows `link-netns`),
+/// exactly the layout of create-in-node-then-move, without the move. A
+/// netdev move waits for RCU grace periods in the kernel (about 25 ms per
+/// device on this machine kind, serialised under RTNL), creation in place
+/// about 1 ms. Same guarantees as [`create_vxlan`], with `NameTaken` and
+/// idempotence judged in `pod`; anything created is removed if a later step
+/// fails. Returns the ifindex in `pod`.
+pub async fn create_vxlan_in(node: &NetnsHandle, pod: &NetnsHandle, spec: &VxlanSpec) -> Result<u32, KernelError> {
+    validate_spec(spec)?;
+    let nl_pod = pod.netlink().await?;
+    if let Some(index) = reuse_existing(&nl_pod, pod, spec).await? {
+        return Ok(index);
+    }
+    let nl_node = node.netlink().await?;
+    let mut b = LinkVxlan::new(&spec.name, spec.vni).port(spec.port).learning(false);
+    b = match (spec.local, spec.remote) {
+        (IpAddr::V4(l), IpAddr::V4(r)) => b.local(l).remote(r).udp_csum(true),
+        (IpAddr::V6(l), IpAddr::V6(r)) => b.local6(l).remote6(r).udp_zero_csum6_tx(false).udp_zero_csum6_rx(false),
+        _ => b,
+    };
+    b = b.mtu(spec.mtu);
+    if let Some(mac) = spec.mac {
+        b = b.address(mac.to_vec());
+    }
+    let mut msg = b.build();
+    // Keep the File alive (borrowed from `pod`) until the request is done.
+    msg.attributes.push(LinkAttribute::NetNsFd(std::os::fd::AsRawFd::as_raw_fd(&pod.as_fd())));
+    if let Err(e) = nl_node.link().add(msg).execute().await {
+        if errno_of(&e) == Some(EEXIST) {
+            match get_link(&nl_pod, pod, &spec.name).await? {
+                None => {
+                    return Err(KernelError::VniInUse {
+                        netns: node.describe().to_string(),
+                        name: spec.name.clone(),
+                        vni: spec.vni,
+                        port: spec.port,
+                        family: family(spec.local),
+                    });
+                }
+                Some(_) => {
+                    if let Some(index) = reuse_existing(&nl_pod, pod, spec).await? {
+                        return Ok(index);
+                    }
+                }
+            }
+        }
+        let op = format!(
+            "creating VXLAN device (VNI {}, port {}, remote {}) in {} from {}",
+            spec.vni,
+            spec.port,
+            spec.remote,
+            pod.describe(),
+            node.describe()
+        );
+        return Err(KernelError::netlink(op, pod, &spec.name, e));
+    }
+    let result = async {
+        let info = get_link(&nl_pod, pod, &spec.name)
+            .await?
+            .ok_or_else(|| KernelError::LinkNotFound { netns: pod.describe().to_string(), name: spec.name.clone() })?;
+        // Up binds the UDP socket (in `node`): a port in use fails here.
+        set_alias_up(&nl_pod, pod, spec, info.index).await?;
+        Ok::<u32, KernelError>(info.index)
+    }
+    .await;
+    match result {
+        Ok(index) => {
+            tracing::debug!(
+                pod = pod.describe(),
+                node = node.describe(),
+                name = spec.name,
+                vni = spec.vni,
+                remote = %spec.remote,
+                index,
+                "created VXLAN device in place"
+            );
+            Ok(index)
+        }
+        Err(e) => {
+            if let Ok(Some(i)) = get_link(&nl_pod, pod, &spec.name).await
+                && let Err(de) = del_index(&nl_pod, pod, &spec.name, i.index).await
+            {
+                tracing::warn!(error = %de, "could not remove the VXLAN device after a failed setup");
+            }
+            Err(e)
+        }
+    }
+}
+
 /// If `spec.name` exists: `NameTaken` when not ours, its index when ours
 /// with the same VXLAN parameters (after fixing MTU, MAC, up), and `None`
 /// after deleting it when ours with other parameters. `None` when absent.

@@ -206,6 +206,31 @@ impl TunDevice {
     }
 }
 
+impl TunDevice {
+    /// [`TunDevice::create`] inside `netns`, on a short-lived thread that
+    /// enters it (a TUN netdev is born in the netns of the thread that opens
+    /// `/dev/net/tun`); the descriptor works from any thread afterwards.
+    /// Creating the pod's interface in place avoids a netdev move (RCU
+    /// waits in the kernel). `AlreadyExists` if `name` is taken there.
+    pub fn create_in(netns: &nsm_sdk::tools::netns::NetnsHandle, name: &str, mtu: u16) -> io::Result<(TunDevice, u32)> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| io::Error::other(format!("entering {}: {e}", netns.describe())))?;
+                if nix::net::if_::if_nametoindex(name).is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        format!("an interface named {name} already exists in {}", netns.describe()),
+                    ));
+                }
+                TunDevice::create(name, mtu)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the TUN creation thread panicked")))
+        })
+    }
+}
+
 impl TunnelIo for TunDevice {
     fn recv_batch(&self, batch: &mut Batch) -> io::Result<usize> {
         let mut n = 0;

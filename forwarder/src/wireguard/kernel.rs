@@ -609,6 +609,7 @@ mod tests {
                     allowed_ips: vec![],
                     persistent_keepalive: None,
                     mtu: 1420,
+                    tun_in: None,
                 };
                 (kernel_available(), Kernel.create("nsmwgk0", &cfg).map(|d| d.name().to_string()))
             })

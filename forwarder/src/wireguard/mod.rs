@@ -94,6 +94,11 @@ pub struct WgConfig {
     pub persistent_keepalive: Option<u16>,
     /// Tunnel MTU, set at creation ([`MIN_MTU`]..=[`MAX_MTU`]).
     pub mtu: u32,
+    /// Create the TUN netdev directly in this netns under this name (the
+    /// pod's interface) instead of the caller's netns under the device name;
+    /// the UDP socket and the UAPI socket stay with the caller. Saves a
+    /// netdev move. `None`: the caller moves it if needed.
+    pub tun_in: Option<(nsm_sdk::tools::netns::NetnsHandle, String)>,
 }
 
 impl fmt::Debug for WgConfig {
@@ -106,6 +111,7 @@ impl fmt::Debug for WgConfig {
             .field("allowed_ips", &self.allowed_ips)
             .field("persistent_keepalive", &self.persistent_keepalive)
             .field("mtu", &self.mtu)
+            .field("tun_in", &self.tun_in.as_ref().map(|(ns, n)| format!("{n} in {}", ns.describe())))
             .finish()
     }
 }
@@ -349,6 +355,7 @@ mod tests {
             allowed_ips: vec![],
             persistent_keepalive: None,
             mtu: 1420,
+            tun_in: None,
         };
         let d = format!("{cfg:?}");
         assert!(!d.contains(&k.private.to_base64()) && d.contains(&k.public.to_base64()), "{d}");

@@ -95,7 +95,10 @@ impl UserspaceDevice {
     fn create(name: &str, cfg: &WgConfig) -> Result<UserspaceDevice, WgError> {
         validate_name(name)?;
         check_config(name, cfg)?;
-        if nix::net::if_::if_nametoindex(name).is_ok() {
+        if let Some((_, tun_name)) = &cfg.tun_in {
+            validate_name(tun_name)?;
+        }
+        if cfg.tun_in.is_none() && nix::net::if_::if_nametoindex(name).is_ok() {
             return Err(WgError::NameTaken {
                 name: name.to_string(),
                 what: "an interface of that name already exists in this network namespace".into(),
@@ -117,8 +120,16 @@ impl UserspaceDevice {
         let port = net.local_port();
         let net: Arc<dyn NetworkIo> = Arc::new(net);
         let mtu = u16::try_from(cfg.mtu).unwrap_or(u16::MAX);
-        let (tun, ifindex) =
-            TunDevice::create(name, mtu).map_err(|source| WgError::Tun { name: name.to_string(), source })?;
+        let (tun, ifindex) = match &cfg.tun_in {
+            None => TunDevice::create(name, mtu),
+            Some((ns, tun_name)) => TunDevice::create_in(ns, tun_name, mtu),
+        }
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                WgError::NameTaken { name: name.to_string(), what: source.to_string() }
+            }
+            _ => WgError::Tun { name: name.to_string(), source },
+        })?;
         let tun: Arc<dyn TunnelIo> = Arc::new(tun);
         let (listener, socket) = uapi::bind(name).map_err(|source| match source.kind() {
             std::io::ErrorKind::AddrInUse => WgError::NameTaken { name: name.to_string(), what: source.to_string() },
