@@ -190,6 +190,7 @@ fn parse_all(v: &[String], what: &str) -> Result<Vec<Cidr>, Status> {
 
 /// Builds (or re-checks) the wire and applies the connection context.
 async fn build(w: &Wire, conn: &Connection) -> Result<(), Status> {
+    let _permit = k::BUILD_PERMITS.acquire().await.map_err(|_| Status::internal("build permits closed"))?;
     let ctx = conn.context.clone().unwrap_or_default();
     let ip = ctx.ip_context.clone().unwrap_or_default();
     let mtu = (ctx.mtu > 0).then_some(ctx.mtu);

@@ -234,6 +234,9 @@ fn wireguard_go(lab: &Lab, a: (&str, &str), b: (&str, &str), mtu: u32) -> anyhow
     let mut procs = vec![];
     for (i, ((ns, underlay), peer_underlay)) in [(a, b.1), (b, a.1)].into_iter().enumerate() {
         let ifn = format!("wgb{i}");
+        let sock = format!("/var/run/wireguard/{ifn}.sock");
+        // A socket file left by an earlier run would look ready at once.
+        let _ = std::fs::remove_file(&sock);
         let child = Command::new("ip")
             .args(["netns", "exec", ns, "wireguard-go", "-f", &ifn])
             .env("WG_PROCESS_FOREGROUND", "1")
@@ -243,7 +246,7 @@ fn wireguard_go(lab: &Lab, a: (&str, &str), b: (&str, &str), mtu: u32) -> anyhow
             .context("starting wireguard-go (install wireguard-go)")?;
         procs.push(child);
         let t0 = Instant::now();
-        while !std::path::Path::new(&format!("/var/run/wireguard/{ifn}.sock")).exists() {
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
             if t0.elapsed() > Duration::from_secs(5) {
                 bail!("wireguard-go {ifn} did not start");
             }
@@ -366,60 +369,72 @@ pub async fn run(lab: &mut Lab, opts: &BenchOpts) -> anyhow::Result<()> {
     )
     .await?;
 
-    // Throughput.
-    crate::say!("throughput (iperf3, 1 TCP stream, {} s each):", opts.seconds);
-    let (va, vb) = (lab.add_netns("veth-a")?, lab.add_netns("veth-b")?);
-    sh(&["ip", "link", "add", "v0", "netns", &va, "type", "veth", "peer", "name", "v1", "netns", &vb])?;
-    sh(&["ip", "-n", &va, "addr", "add", "10.98.0.1/24", "dev", "v0"])?;
-    sh(&["ip", "-n", &vb, "addr", "add", "10.98.0.2/24", "dev", "v1"])?;
-    sh(&["ip", "-n", &va, "link", "set", "v0", "up"])?;
-    sh(&["ip", "-n", &vb, "link", "set", "v1", "up"])?;
-    let pod = lab.add_netns("pod")?;
-    let r = mesh::nsc_init(lab, &n1, &pod, "nsc", "kernel://bench-eth/nsm-1,kernel://bench-ip/nsm-2", &[])?;
-    if !r.ok {
-        bail!("nsc init failed: {}", r.stderr);
+    // Throughput (skipped with --seconds 0).
+    let mut rows = vec![];
+    if opts.seconds > 0 {
+        crate::say!("throughput (iperf3, 1 TCP stream, {} s each):", opts.seconds);
+        let (va, vb) = (lab.add_netns("veth-a")?, lab.add_netns("veth-b")?);
+        sh(&["ip", "link", "add", "v0", "netns", &va, "type", "veth", "peer", "name", "v1", "netns", &vb])?;
+        sh(&["ip", "-n", &va, "addr", "add", "10.98.0.1/24", "dev", "v0"])?;
+        sh(&["ip", "-n", &vb, "addr", "add", "10.98.0.2/24", "dev", "v1"])?;
+        sh(&["ip", "-n", &va, "link", "set", "v0", "up"])?;
+        sh(&["ip", "-n", &vb, "link", "set", "v1", "up"])?;
+        let pod = lab.add_netns("pod")?;
+        let r = mesh::nsc_init(lab, &n1, &pod, "nsc", "kernel://bench-eth/nsm-1,kernel://bench-ip/nsm-2", &[])?;
+        if !r.ok {
+            bail!("nsc init failed: {}", r.stderr);
+        }
+        let dst = |i: usize| r.summaries[i].dst_ips[0].split('/').next().unwrap_or_default().to_string();
+        let fwd_pids: Vec<u32> = [&n1.forwarder_name, &n2.forwarder_name].iter().filter_map(|n| lab.pid(n)).collect();
+        let mtu = mesh::link_kind(lab, &pod, "nsm-2")?.1;
+        rows.push(throughput(lab, "(a) veth pair between two namespaces", &vb, &va, "10.98.0.2", opts.seconds, &[])?);
+        rows.push(throughput(
+            lab,
+            "lab underlay, node to node (veth + bridge)",
+            &n2.netns,
+            &n1.netns,
+            "10.1.0.2",
+            opts.seconds,
+            &[],
+        )?);
+        rows.push(throughput(
+            lab,
+            "(b) nsm VXLAN wire, pod to pod across nodes",
+            &eth.netns,
+            &pod,
+            &dst(0),
+            opts.seconds,
+            &[],
+        )?);
+        rows.push(throughput(
+            lab,
+            "(c) nsm userspace WireGuard wire, pod to pod",
+            &ipn.netns,
+            &pod,
+            &dst(1),
+            opts.seconds,
+            &fwd_pids,
+        )?);
+        let mut wg = wireguard_go(lab, (&n1.netns, "10.1.0.1"), (&n2.netns, "10.1.0.2"), mtu)?;
+        let wg_pids: Vec<u32> = wg.iter().map(|c| c.id()).collect();
+        let res = throughput(
+            lab,
+            "(d) wireguard-go, node to node",
+            &n2.netns,
+            &n1.netns,
+            "10.99.0.2",
+            opts.seconds,
+            &wg_pids,
+        );
+        for c in &mut wg {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for i in 0..2 {
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/wgb{i}.sock"));
+        }
+        rows.push(res?);
     }
-    let dst = |i: usize| r.summaries[i].dst_ips[0].split('/').next().unwrap_or_default().to_string();
-    let fwd_pids: Vec<u32> = [&n1.forwarder_name, &n2.forwarder_name].iter().filter_map(|n| lab.pid(n)).collect();
-    let mtu = mesh::link_kind(lab, &pod, "nsm-2")?.1;
-    let mut rows =
-        vec![throughput(lab, "(a) veth pair between two namespaces", &vb, &va, "10.98.0.2", opts.seconds, &[])?];
-    rows.push(throughput(
-        lab,
-        "lab underlay, node to node (veth + bridge)",
-        &n2.netns,
-        &n1.netns,
-        "10.1.0.2",
-        opts.seconds,
-        &[],
-    )?);
-    rows.push(throughput(
-        lab,
-        "(b) nsm VXLAN wire, pod to pod across nodes",
-        &eth.netns,
-        &pod,
-        &dst(0),
-        opts.seconds,
-        &[],
-    )?);
-    rows.push(throughput(
-        lab,
-        "(c) nsm userspace WireGuard wire, pod to pod",
-        &ipn.netns,
-        &pod,
-        &dst(1),
-        opts.seconds,
-        &fwd_pids,
-    )?);
-    let mut wg = wireguard_go(lab, (&n1.netns, "10.1.0.1"), (&n2.netns, "10.1.0.2"), mtu)?;
-    let wg_pids: Vec<u32> = wg.iter().map(|c| c.id()).collect();
-    let res =
-        throughput(lab, "(d) wireguard-go, node to node", &n2.netns, &n1.netns, "10.99.0.2", opts.seconds, &wg_pids);
-    for c in &mut wg {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    rows.push(res?);
 
     // Setup latency.
     crate::say!(
