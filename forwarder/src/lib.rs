@@ -57,7 +57,11 @@ pub mod xconnect;
 /// Configuration: flags, or the environment variables upstream's forwarder
 /// reads (same names and defaults where they exist).
 #[derive(Parser, Debug, Clone)]
-#[command(name = "forwarder", version, about = "NSM forwarder: builds veth wires between pods")]
+#[command(
+    name = "forwarder",
+    version,
+    about = "NSM forwarder: builds the wire between client and endpoint pods (veth on one node; VXLAN or WireGuard across nodes)"
+)]
 pub struct Config {
     /// Name of this forwarder (its registry entry and path segment).
     #[arg(long, env = "NSM_NAME", default_value = "forwarder")]
@@ -104,9 +108,11 @@ pub struct Config {
     #[arg(long, env = "NSM_WIREGUARD_KEEPALIVE", default_value = "10s", value_parser = parse_duration)]
     pub wireguard_keepalive: Duration,
     /// After a restart, interfaces from the previous run whose connection is
-    /// not refreshed within this time are removed.
-    #[arg(long, env = "NSM_ORPHAN_GRACE", default_value = "10m", value_parser = parse_duration)]
-    pub orphan_grace: Duration,
+    /// not refreshed within this time are removed. Default: the token
+    /// lifetime plus 30 s (a live client refreshes within its token's
+    /// lifetime, or the nsmgr closes its connection).
+    #[arg(long, env = "NSM_ORPHAN_GRACE", value_parser = parse_duration)]
+    pub orphan_grace: Option<Duration>,
     /// How often to refresh the registration when the registry sets no
     /// expiration.
     #[arg(long, env = "NSM_REGISTRY_REFRESH", default_value = "40s", value_parser = parse_duration)]
@@ -241,7 +247,8 @@ pub async fn run(
     let owner = owner_id(&cfg)?;
     let (chain, h) = chain(&cfg, remote, &owner);
     let node = nsm_sdk::tools::netns::NetnsHandle::current()?;
-    let watched = sweep::start(&owner, &node, h.metadata.clone(), cfg.orphan_grace).await;
+    let grace = cfg.orphan_grace.unwrap_or(cfg.max_token_lifetime + Duration::from_secs(30));
+    let watched = sweep::start(&owner, &node, h.metadata.clone(), grace).await;
     if watched > 0 {
         tracing::info!(watched, "interfaces from a previous run are waiting to be adopted or removed");
     }

@@ -66,6 +66,14 @@ impl LocalKernel {
         Arc::new(LocalKernel { fwd: fwd.to_string() })
     }
 
+    /// Tears down and forgets the veth wire recorded in `meta` (the
+    /// connection's endpoint moved to another node).
+    pub async fn drop_wire(meta: &nsm_sdk::networkservice::metadata::ConnMetadata) {
+        if let Some(w) = meta.server_remove::<Wire>() {
+            teardown(&w).await;
+        }
+    }
+
     /// True if `meta` holds a veth wire built by this element.
     pub fn has_wire(meta: &nsm_sdk::networkservice::metadata::ConnMetadata) -> bool {
         meta.server_get::<Wire>().is_some()

@@ -50,7 +50,6 @@ use nsm_sdk::networkservice::chain::conn_mut;
 use nsm_sdk::networkservice::connect::DEFAULT_CALL_TIMEOUT;
 use nsm_sdk::networkservice::{Context, Next};
 use nsm_sdk::tools::netns::NetnsHandle;
-use rand::Rng;
 use tonic::Status;
 
 use crate::alloc::{PortLease, PortPool, VniLease, VniTable};
@@ -101,9 +100,12 @@ impl WgHandle {
     fn new(d: Box<dyn WgDevice>) -> WgHandle {
         WgHandle(Arc::new(Mutex::new(Some(d))))
     }
-    fn close(&self) {
-        if let Some(d) = self.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            d.close();
+    /// Stops the device: joins its threads, so this runs on a blocking
+    /// thread, never on an async worker.
+    async fn close(&self) {
+        let d = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(d) = d {
+            let _ = tokio::task::spawn_blocking(move || d.close()).await;
         }
     }
     fn with<T>(&self, f: impl FnOnce(&dyn WgDevice) -> T) -> Option<T> {
@@ -180,14 +182,34 @@ fn vni_param(m: &Mechanism) -> Result<Option<u32>, Status> {
     }
 }
 
-fn mtu_param(m: &Mechanism) -> Option<u32> {
-    param(m, common::MTU).and_then(|v| v.parse().ok()).filter(|v| *v >= 576)
+/// The `MTU` parameter: `None` if absent, `InvalidArgument` if it is not a
+/// number or below the IPv4 minimum of 576 (both ends must agree on one
+/// value, so a bad one is refused rather than ignored).
+fn mtu_param(m: &Mechanism) -> Result<Option<u32>, Status> {
+    match param(m, common::MTU) {
+        None => Ok(None),
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if n >= 576 => Ok(Some(n)),
+            _ => Err(Status::invalid_argument(format!(
+                "{} mechanism: MTU={v:?} is not a usable MTU (576 or more)",
+                m.r#type
+            ))),
+        },
+    }
 }
 
-fn random_mac() -> [u8; 6] {
-    let mut m: [u8; 6] = rand::rng().random();
-    m[0] = (m[0] & 0xfe) | 0x02; // unicast, locally administered
-    m
+/// A unicast, locally administered MAC derived from `seed` (the alias and
+/// side): stable for a connection, so a restarted forwarder that adopts its
+/// device answers with the MAC the device and the peer's neighbour entry
+/// already have.
+fn stable_mac(seed: &str) -> [u8; 6] {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in seed.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    let b = h.to_be_bytes();
+    [(b[0] & 0xfe) | 0x02, b[1], b[2], b[3], b[4], b[5]]
 }
 
 fn fmt_mac(m: &[u8; 6]) -> String {
@@ -291,14 +313,21 @@ impl Remote {
         let pl = if conn.payload.is_empty() { payload::ETHERNET.to_string() } else { conn.payload.clone() };
 
         let keys = prev.as_ref().and_then(|p| p.keys.clone()).unwrap_or_else(|| Arc::new(KeyPair::generate()));
+        let wg_offered =
+            self.wg.is_some() && pl == payload::IP && self.cfg.priority.iter().any(|t| t == types::WIREGUARD);
         let port = match prev.as_ref().and_then(|p| p.port.clone()) {
             Some(p) => Some(p),
-            None if self.wg.is_some() && pl == payload::IP => {
-                Some(Arc::new(self.ports.allocate(&HashSet::new()).map_err(Status::resource_exhausted)?))
-            }
+            None if wg_offered => match self.ports.allocate(&HashSet::new()) {
+                Ok(l) => Some(Arc::new(l)),
+                Err(e) => {
+                    // Not fatal: the other mechanisms are still offered.
+                    tracing::warn!(error = %e, "not offering WireGuard");
+                    None
+                }
+            },
             None => None,
         };
-        let mac = prev.as_ref().and_then(|p| p.mac).unwrap_or_else(random_mac);
+        let mac = prev.as_ref().and_then(|p| p.mac).unwrap_or_else(|| stable_mac(&format!("{alias}/client")));
         let mut offers = vec![];
         for t in &self.cfg.priority {
             let mut p = HashMap::from([(common::SRC_IP.to_string(), self.cfg.tunnel_ip.to_string())]);
@@ -337,6 +366,20 @@ impl Remote {
 
         let mut res = next.clone().request(ctx, out).await?;
 
+        // The far side now answers with another mechanism type (or the
+        // client's netns changed): the old tunnel goes before the new one is
+        // built under the same name.
+        let prev = match prev {
+            Some(p)
+                if res.mechanism.as_ref().is_some_and(|m| m.r#type != p.kind) || p.pod_ns.inode() != pod_ns.inode() =>
+            {
+                tracing::info!(conn_id = %conn_id, old = %p.kind, "the wire changes: removing the old tunnel");
+                self.teardown(&p).await;
+                meta.server_remove::<Tunnel>();
+                None
+            }
+            other => other,
+        };
         let permit = k::BUILD_PERMITS.acquire().await.map_err(|_| Status::internal("build permits closed"))?;
         let built = self
             .client_build(
@@ -406,7 +449,7 @@ impl Remote {
         }
         let dst_ip = need_ip(&m, common::DST_IP)?;
         let dst_port = need_port(&m, common::DST_PORT)?;
-        let mtu = mtu_param(&m).unwrap_or_else(|| self.mtu_for(&m.r#type)).min(self.mtu_for(&m.r#type));
+        let mtu = mtu_param(&m)?.unwrap_or_else(|| self.mtu_for(&m.r#type)).min(self.mtu_for(&m.r#type));
         let ip = res.context.as_ref().and_then(|c| c.ip_context.clone()).unwrap_or_default();
         let node_if = node_ifname(&m.r#type, conn_id);
         let mut t = Tunnel {
@@ -495,7 +538,7 @@ impl Remote {
                         }
                         other => {
                             if let Some(h) = other {
-                                h.close();
+                                h.close().await;
                             }
                             let cfg = WgConfig {
                                 private_key: keys.private.clone(),
@@ -550,23 +593,25 @@ impl Remote {
     /// Picks the REMOTE mechanism to serve: the one already negotiated, or
     /// the first offer this forwarder supports.
     pub fn choose(&self, req: &NetworkServiceRequest) -> Result<Mechanism, Status> {
+        let ip_payload = req.connection.as_ref().is_some_and(|c| c.payload == payload::IP);
+        // WireGuard carries IP packets only: never for an ETHERNET service.
+        let fits = |m: &Mechanism| {
+            m.cls == cls::REMOTE && self.supports(&m.r#type) && (m.r#type != types::WIREGUARD || ip_payload)
+        };
         if let Some(m) = req.connection.as_ref().and_then(|c| c.mechanism.as_ref())
-            && m.cls == cls::REMOTE
-            && self.supports(&m.r#type)
+            && fits(m)
         {
             return Ok(m.clone());
         }
-        req.mechanism_preferences.iter().find(|m| m.cls == cls::REMOTE && self.supports(&m.r#type)).cloned().ok_or_else(
-            || {
-                let offered: Vec<_> =
-                    req.mechanism_preferences.iter().map(|m| format!("{} {}", m.cls, m.r#type)).collect();
-                Status::invalid_argument(format!(
-                    "no supported REMOTE mechanism among [{}] (this forwarder supports {})",
-                    offered.join(", "),
-                    self.supported().join(", ")
-                ))
-            },
-        )
+        req.mechanism_preferences.iter().find(|m| fits(m)).cloned().ok_or_else(|| {
+            let offered: Vec<_> = req.mechanism_preferences.iter().map(|m| format!("{} {}", m.cls, m.r#type)).collect();
+            Status::invalid_argument(format!(
+                "no supported REMOTE mechanism among [{}] for {} payload (this forwarder supports {}; WireGuard carries IP payload only)",
+                offered.join(", "),
+                if ip_payload { "IP" } else { "ETHERNET" },
+                self.supported().join(", ")
+            ))
+        })
     }
 
     /// The server side: the request came from another node's forwarder with
@@ -599,11 +644,11 @@ impl Remote {
         let conn = conn_mut(&mut req);
         let conn_id = conn.id.clone();
         let pl = if conn.payload.is_empty() { payload::ETHERNET.to_string() } else { conn.payload.clone() };
-        let mtu = mtu_param(&chosen).unwrap_or(u32::MAX).min(self.mtu_for(&incoming.r#type));
+        let mtu = mtu_param(&chosen)?.unwrap_or(u32::MAX).min(self.mtu_for(&incoming.r#type));
         let mut keys = None;
         let mut port = None;
         let mut vni = None;
-        let mac = prev.as_ref().and_then(|p| p.mac).unwrap_or_else(random_mac);
+        let mac = prev.as_ref().and_then(|p| p.mac).unwrap_or_else(|| stable_mac(&format!("{alias}/server")));
         incoming.parameters.insert(common::DST_IP.into(), self.cfg.tunnel_ip.to_string());
         incoming.parameters.insert(common::MTU.into(), mtu.to_string());
         match incoming.r#type.as_str() {
@@ -772,7 +817,7 @@ impl Remote {
                             None => {
                                 if let Some(h) = same.and_then(|p| p.wg.clone()) {
                                     // The client's key changed (it restarted): rebuild.
-                                    h.close();
+                                    h.close().await;
                                     let _ = k::delete_link(&nse_ns, &nse_if, Some(&alias)).await;
                                 }
                                 let cfg = WgConfig {
@@ -861,12 +906,9 @@ impl Remote {
     /// netns) unless the pod already has it (refresh, or adoption after a
     /// restart).
     async fn ensure_vxlan(&self, spec: &VxlanSpec, pod_ns: &NetnsHandle) -> Result<(), KernelError> {
-        if let Some(l) = k::link_info(pod_ns, &spec.name).await?
-            && l.alias == spec.alias
-            && l.kind.as_deref() == Some("vxlan")
-        {
-            return Ok(());
-        }
+        // `create_vxlan_in` reuses a device of ours with the same VNI,
+        // remote and port (fixing MTU/MAC drift), and replaces one whose
+        // parameters changed.
         k::create_vxlan_in(&self.node, pod_ns, spec).await.map(|_| ())
     }
 
@@ -897,6 +939,7 @@ impl Remote {
                 crate::wireguard::WgError::PortInUse { .. } => Status::unavailable(format!(
                     "WireGuard port {port} is in use on this node by something else; the next attempt picks another: {e}"
                 )),
+                e @ crate::wireguard::WgError::NameTaken { .. } => Status::already_exists(e.to_string()),
                 other => Status::internal(other.to_string()),
             })?;
         let h = WgHandle::new(dev);
@@ -906,7 +949,7 @@ impl Remote {
             k::move_and_rename(&self.node, node_if, pod_ns, pod_if, alias).await.map(|_| ())
         };
         if let Err(e) = placed {
-            h.close();
+            h.close().await;
             return Err(kernel_error(e));
         }
         // The kernel backend configures the link where it now lives.
@@ -918,7 +961,7 @@ impl Remote {
     /// the last clone of `t` is dropped).
     async fn teardown(&self, t: &Tunnel) {
         if let Some(h) = &t.wg {
-            h.close();
+            h.close().await;
         }
         if let Err(e) = k::delete_link(&t.pod_ns, &t.pod_if, Some(&t.alias)).await {
             tracing::warn!(ifname = %t.pod_if, netns = %t.pod_ns.describe(), error = %e, "removing the tunnel interface failed");
@@ -936,6 +979,14 @@ impl Remote {
         match t.side {
             Side::Client => Some(t.remote_mech.clone()),
             Side::Server => t.nse_mech.clone(),
+        }
+    }
+
+    /// Tears down and forgets the remote wire recorded in `meta` (the
+    /// connection's endpoint moved to this node).
+    pub async fn drop_tunnel(&self, meta: &nsm_sdk::networkservice::metadata::ConnMetadata) {
+        if let Some(t) = meta.server_remove::<Tunnel>() {
+            self.teardown(&t).await;
         }
     }
 
@@ -999,7 +1050,9 @@ mod tests {
 
     #[test]
     fn macs_and_allowed_ips() {
-        let m = random_mac();
+        let m = stable_mac("nsm:f@1:c/client");
+        assert_eq!(m, stable_mac("nsm:f@1:c/client"), "stable");
+        assert_ne!(m, stable_mac("nsm:f@1:c/server"));
         assert_eq!(m[0] & 0x01, 0, "unicast");
         assert_eq!(m[0] & 0x02, 0x02, "locally administered");
         assert_eq!(parse_mac(&fmt_mac(&m)), Some(m));

@@ -4,9 +4,10 @@
 //! namespace on the node.
 //!
 //! # Guarantees
-//! - At start, tunnel devices still in the node netns (created but never
-//!   moved into a pod) and WireGuard UAPI sockets nobody serves are removed
-//!   at once.
+//! - At start, tunnel devices of ours still in the node netns (the kernel
+//!   WireGuard backend creates there and moves; a kill between the two
+//!   leaves one) and WireGuard UAPI sockets nobody serves are removed at
+//!   once.
 //! - Interfaces in pods are given `grace` (by default the token lifetime:
 //!   the longest a live client can go without refreshing): a connection that
 //!   is refreshed in that time is adopted; the rest are removed.

@@ -77,6 +77,16 @@ impl Element for XConnect {
     ) -> Result<Connection, Status> {
         let to_remote = ctx.client_url.as_ref().is_some_and(|u| u.scheme() == "tcp");
         let from_remote = incoming_is_remote(&req);
+        // A refresh whose endpoint moved between this node and another
+        // switches the kind of wire: the old one goes first (the gRPC tail
+        // closes the old next hop when its URL changes).
+        if let Some(meta) = ctx.meta.clone() {
+            if to_remote || from_remote {
+                LocalKernel::drop_wire(&meta).await;
+            } else if let Some(r) = &self.remote {
+                r.drop_tunnel(&meta).await;
+            }
+        }
         match (from_remote, to_remote) {
             (false, false) => self.local.request(ctx, req, next).await,
             (false, true) => {

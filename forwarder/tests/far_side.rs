@@ -22,9 +22,12 @@ use nsm_sdk::testing::netns::TestNetns;
 use nsm_sdk::tools::netns::NetnsHandle;
 use tonic::Status;
 
+/// Builds the far side's answer from the offers.
+type Answer = Box<dyn Fn(&[Mechanism]) -> Mechanism + Send + Sync>;
+
 /// A far side that answers with `answer(offers)` and records Closes.
 struct FarSide {
-    answer: Box<dyn Fn(&[Mechanism]) -> Mechanism + Send + Sync>,
+    answer: Answer,
     closes: Mutex<u32>,
 }
 
@@ -44,7 +47,7 @@ impl Element for FarSide {
     }
 }
 
-fn answer(t: &str, params: &[(&str, &str)]) -> Box<dyn Fn(&[Mechanism]) -> Mechanism + Send + Sync> {
+fn answer(t: &str, params: &[(&str, &str)]) -> Answer {
     let t = t.to_string();
     let params: HashMap<String, String> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     Box::new(move |offers: &[Mechanism]| {
@@ -84,7 +87,7 @@ fn bad_answers_from_the_far_side_build_nothing() {
     node.exec(&["ip", "addr", "add", "10.77.7.1/24", "dev", "eth0"]);
     node.exec(&["ip", "link", "set", "eth0", "up"]);
     let key = "K9JdWl8DdvNAAt1BVhsbb7lw+ytPQhJAHu2u/IGyp2E=";
-    let cases: Vec<(&str, Box<dyn Fn(&[Mechanism]) -> Mechanism + Send + Sync>, &str)> = vec![
+    let cases: Vec<(&str, Answer, &str)> = vec![
         ("IP", answer("WIREGUARD", &[("dst_port", "51820"), ("dst_public_key", key)]), "no dst_ip"),
         (
             "IP",
@@ -95,6 +98,11 @@ fn bad_answers_from_the_far_side_build_nothing() {
         ("ETHERNET", answer("VXLAN", &[("dst_ip", "10.77.7.2"), ("dst_port", "4789"), ("vni", "16777216")]), "vni"),
         ("ETHERNET", answer("VXLAN", &[("dst_ip", "10.77.7.2"), ("dst_port", "4789")]), "no vni"),
         ("ETHERNET", answer("WIREGUARD", &[("dst_ip", "10.77.7.2"), ("dst_port", "1")]), "not offered"),
+        (
+            "ETHERNET",
+            answer("VXLAN", &[("dst_ip", "10.77.7.2"), ("dst_port", "4789"), ("vni", "7"), ("MTU", "99")]),
+            "MTU",
+        ),
     ];
     let pod_inode = pod.handle().inode().to_string();
     let node_h = node.handle().clone();

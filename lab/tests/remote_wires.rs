@@ -306,6 +306,7 @@ async fn bad_remote_input_is_refused_and_nothing_is_built() {
         (remote("VXLAN", &[("src_ip", "10.1.0.1"), ("src_port", "4789"), ("vni", "16777216")]), "vni"),
         (remote("VXLAN", &[("src_ip", "10.1.0.1"), ("src_port", "4789"), ("vni", "0")]), "vni"),
         (remote("VXLAN", &[("src_ip", "10.1.0.1"), ("src_port", "8472")]), "NSM_VXLAN_PORT"),
+        (remote("VXLAN", &[("src_ip", "10.1.0.1"), ("src_port", "4789"), ("MTU", "100")]), "MTU"),
         (remote("GRE", &[("src_ip", "10.1.0.1")]), "no supported REMOTE mechanism"),
     ];
     for (m, what) in cases {
@@ -338,6 +339,12 @@ async fn bad_remote_input_is_refused_and_nothing_is_built() {
     let e2 = mesh::start_nse(&mut lab, &n2, "nse2", "l2", "172.16.51.0/31", &[("NSM_PAYLOAD", "ETHERNET".into())])
         .await
         .unwrap();
+    // WireGuard carries IP packets only: refused for an ETHERNET service.
+    let wg_for_l2 = remote("WIREGUARD", &[("src_ip", "10.1.0.1"), ("src_port", "51820"), ("src_public_key", key)]);
+    let st = remote_request(&n2, "l2", "nse2", wg_for_l2).await;
+    assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
+    assert!(st.message().contains("IP payload only"), "{}", st.message());
+    assert!(links(&lab, &e2.netns).unwrap().is_empty());
     let mut holder = hold(4789);
     std::thread::sleep(Duration::from_millis(300));
     let r = nsc_init(&lab, &n1, &pod, "nsc2", "kernel://l2/nsm-2", &[("NSM_REQUEST_TIMEOUT", "3s".into())]).unwrap();
@@ -346,4 +353,51 @@ async fn bad_remote_input_is_refused_and_nothing_is_built() {
     assert!(!r.ok);
     assert!(r.stderr.contains("4789"), "{}", r.stderr);
     assert_clean(&lab, &[&pod, &e.netns, &e2.netns], &[&n1, &n2]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_forwarder_adopts_an_ip_vxlan_wire() {
+    let mut lab = mesh::test_lab("adopt");
+    let opts =
+        NodeOpts { forwarder_env: vec![("NSM_MECHANISM_PRIORITY".into(), "VXLAN".into())], ..Default::default() };
+    let topo = cluster::build(&mut lab, 1, 2, &opts).await.unwrap();
+    let (n1, n2) = (topo.node(1, 1).clone(), topo.node(1, 2).clone());
+    mesh::start_nse(&mut lab, &n2, "nse1", "l3", "172.16.60.0/31", &[("NSM_PAYLOAD", "IP".into())]).await.unwrap();
+    let pod = lab.add_netns("pod").unwrap();
+    mesh::spawn_nsc_sidecar(
+        &mut lab,
+        "client",
+        &n1,
+        &pod,
+        "nsc",
+        "kernel://l3/nsm-1",
+        &[("NSM_MAX_TOKEN_LIFETIME", "2s".into())],
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    while links(&lab, &pod).unwrap() != ["nsm-1"] {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{}", lab.log_tail("client", 20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ifindex = |lab: &Lab| {
+        let o = lab.exec(&pod, &["cat", "/sys/class/net/nsm-1/ifindex"], Duration::from_secs(5)).unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let before = ifindex(&lab);
+    let (ok, out) = ping(&lab, &pod, "nsm-1", "172.16.60.0", 1).unwrap();
+    assert!(ok, "{out}");
+    // kill -9 the client side's forwarder; the kernel keeps the VXLAN device.
+    lab.signal(&n1.forwarder_name, Signal::SIGKILL).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    mesh::start_forwarder(&mut lab, &n1, &opts).await.unwrap();
+    // The sidecar refreshes (every ~400 ms) through the new forwarder, which
+    // adopts the device: same ifindex, same MAC on both ends, so the
+    // endpoint's permanent neighbour entry still matches and pings pass.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(lab.log_tail(&n1.forwarder_name, 30).contains("request ok"), "no refresh through the new forwarder");
+    assert_eq!(ifindex(&lab), before, "adopted, not rebuilt");
+    let (ok, out) = ping(&lab, &pod, "nsm-1", "172.16.60.0", 2).unwrap();
+    assert!(ok, "after adoption: {out}");
+    lab.stop("client", Duration::from_secs(5)).unwrap();
+    assert_clean(&lab, &[&pod], &[&n1, &n2]).await;
 }

@@ -17,8 +17,8 @@
 //! domain.
 //!
 //! # Chain placement
-//! First after `updatepath`/`begin`/`metadata` in the nsmgr chain, before
-//! anything that looks names up.
+//! In the nsmgr chain after `updatepath`/`begin`/`metadata`/`updatetoken`,
+//! before anything that looks names up.
 
 use std::sync::Arc;
 

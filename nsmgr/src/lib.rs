@@ -11,7 +11,7 @@
 //! - [`discoverforwarder`], [`netnsowner`]: nsmgr-specific chain elements.
 //!
 //! # The Request chain
-//! `updatepath` → `begin` → `metadata` → `updatetoken` → `netnsowner` →
+//! `updatepath` → `begin` → `metadata` → `updatetoken` → `interdomain` → `netnsowner` →
 //! `timeout` → `monitor` → `trimpath` → `clientinfo` → `discoverforwarder` →
 //! `connect` ⇒ client chain `updatepath` (same name: same path segment) →
 //! `trimpath` client → gRPC call to the forwarder.

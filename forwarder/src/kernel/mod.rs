@@ -105,7 +105,7 @@ pub enum KernelError {
          in {netns}, so interface {name} cannot be created; the kernel allows one device per VNI, port and address \
          family per namespace whatever its remote or local address (devices moved into pods still count); pick \
          another VNI, or find and remove the stale device (ip -d link show type vxlan, also in pod namespaces: look \
-         for nsm- aliases)"
+         for nsm: aliases)"
     )]
     VniInUse { netns: String, name: String, vni: u32, port: u16, family: &'static str },
     /// Bringing a tunnel up failed because its UDP port is bound by another

@@ -1,11 +1,14 @@
 //! Kernel VXLAN devices for the remote VXLAN mechanism, and VNI choice.
 //!
-//! The forwarder runs in the node's namespace. [`create_vxlan`] creates the
-//! VXLAN netdev there, so its UDP socket is bound in the node namespace (the
-//! device's link-netns); the caller then moves it into the pod with
-//! [`move_and_rename`](super::move_and_rename), where it becomes the pod's
-//! interface itself (`ip -d link` in the pod shows `vxlan id <vni> ...
-//! link-netns <node>`). The socket stays in the node namespace after the move.
+//! The forwarder runs in the node's namespace. [`create_vxlan_in`] (what
+//! the forwarder uses) creates the VXLAN netdev directly in the pod from a
+//! netlink socket in the node namespace: the kernel binds its UDP socket in
+//! the node namespace (the device's link-netns), and the device is the
+//! pod's interface itself (`ip -d link` in the pod shows `vxlan id <vni> ...
+//! link-netns <node>`). [`create_vxlan`] creates it in the node namespace
+//! instead, for a caller that moves it later with
+//! [`move_and_rename`](super::move_and_rename) (same layout, plus the cost
+//! of a netdev move).
 //!
 //! # Guarantees
 //! - The device is created with a unicast `remote` (no multicast group, no
@@ -46,12 +49,11 @@
 //!   IPv4 or dual-stack IPv6. VXLAN devices with the same flags share one
 //!   socket per port. Reported as [`KernelError::PortInUse`].
 //!
-//! # After the move
-//! Once moved, the device is no longer visible in the node namespace but
-//! still holds its VNI there, so calling [`create_vxlan`] again for the same
-//! connection fails with `VniInUse`. To repeat a Request, first look for
-//! the device in the pod ([`link_info`](super::link_info)) and skip creation
-//! if it is there with our alias.
+//! # Devices in pods
+//! A device in a pod is not visible in the node namespace but holds its VNI
+//! there, so creating another one with that VNI in the node namespace fails
+//! with `VniInUse`. [`create_vxlan_in`] judges idempotence in the pod: a
+//! device of ours with the same VNI, remote and port is reused.
 
 use std::cmp::Ordering;
 use std::net::IpAddr;
@@ -74,8 +76,8 @@ pub(crate) const EADDRINUSE: i32 = 98;
 /// What [`create_vxlan`] builds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VxlanSpec {
-    /// Temporary name, unique in the node namespace (at most 15 bytes); the
-    /// device is renamed when it is moved into the pod.
+    /// Interface name (at most 15 bytes): the pod's interface name for
+    /// [`create_vxlan_in`], a node-unique temporary name for [`create_vxlan`].
     pub name: String,
     /// 1..=16_777_215.
     pub vni: u32,
@@ -90,7 +92,8 @@ pub struct VxlanSpec {
     pub mtu: u32,
     /// Device MAC; `None` lets the kernel pick a random one.
     pub mac: Option<[u8; 6]>,
-    /// Ownership mark (`nsm-...`), at most 255 bytes.
+    /// Ownership mark (`nsm:<forwarder>@<netns inode>:<conn>`), at most 255
+    /// bytes.
     pub alias: String,
 }
 

@@ -37,11 +37,14 @@
 //!   a name whose socket is being served is refused.
 //!
 //! # Guarantees
-//! - [`WgBackend::create`] creates the device in the calling thread's
-//!   network namespace (its UDP socket lives there for good); the caller may
-//!   then move the netdev into another namespace and rename it, and the
-//!   device keeps working (for the kernel backend, tell it with
-//!   [`WgDevice::relocated`] so later configuration finds it).
+//! - [`WgBackend::create`] binds the device's UDP socket in the calling
+//!   thread's network namespace (it lives there for good). The netdev is
+//!   created there too, or, for the userspace backend with
+//!   [`WgConfig::tun_in`], directly in the given namespace under the given
+//!   name (the forwarder's choice: no netdev move). A netdev created in the
+//!   caller's namespace may be moved and renamed afterwards and keeps
+//!   working (for the kernel backend, tell it with [`WgDevice::relocated`]
+//!   so later configuration finds it).
 //! - `create` either succeeds or leaves nothing behind (no interface, no
 //!   socket file, no thread). A taken port is [`WgError::PortInUse`].
 //! - [`WgDevice::close`] (also run on drop) removes the netdev wherever it
