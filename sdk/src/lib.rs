@@ -12,5 +12,6 @@
 pub mod ipam;
 pub mod networkservice;
 pub mod registry;
+pub mod security;
 pub mod testing;
 pub mod tools;

@@ -129,8 +129,11 @@ pub struct Peer {
     pub pid: Option<i32>,
     /// Remote address of a TCP caller.
     pub addr: Option<std::net::SocketAddr>,
-    /// SPIFFE ID of the TLS peer (set once mTLS is on).
+    /// SPIFFE ID of the TLS peer (mTLS).
     pub spiffe_id: Option<String>,
+    /// DER of the TLS peer's leaf certificate (mTLS): tokens the peer signed
+    /// are verified against it.
+    pub cert_der: Option<std::sync::Arc<Vec<u8>>>,
 }
 
 /// Per-call state handed through a chain: the deadline, the caller, the
