@@ -30,6 +30,7 @@ use tonic::Status;
 use url::Url;
 
 use super::chain::{Chain, Context, Element, Next};
+use crate::security::tls::ServerPeer;
 use crate::tools::grpc::ChannelPool;
 use crate::tools::token::{self, SharedTokenGenerator};
 
@@ -98,17 +99,24 @@ impl GrpcClient {
         Arc::new(GrpcClient { pool, tokens })
     }
 
-    fn tonic_request<T>(&self, ctx: &Context, msg: T) -> Result<tonic::Request<T>, Status> {
+    /// The outgoing call: the caller's remaining deadline, and this hop's
+    /// token for `server` (the peer of this call: the token's audience).
+    fn tonic_request<T>(&self, server: &ServerPeer, ctx: &Context, msg: T) -> Result<tonic::Request<T>, Status> {
         let mut r = tonic::Request::new(msg);
         r.set_timeout(ctx.remaining().unwrap_or(DEFAULT_CALL_TIMEOUT));
-        let t = self.tokens.generate(&ctx.peer)?;
+        let peer = crate::networkservice::chain::Peer {
+            spiffe_id: server.spiffe_id.clone(),
+            cert_der: server.cert_der.clone(),
+            ..Default::default()
+        };
+        let t = self.tokens.generate(&peer)?;
         token::put(r.metadata_mut(), &t);
         Ok(r)
     }
 
     async fn call_close(&self, ctx: &Context, url: &Url, conn: Connection) -> Result<(), Status> {
-        let ch = self.pool.get(url).await?;
-        let r = self.tonic_request(ctx, conn)?;
+        let (ch, server) = self.pool.get_with_peer(url).await?;
+        let r = self.tonic_request(&server, ctx, conn)?;
         NetworkServiceClient::new(ch).close(r).await.map(|_| ()).map_err(|e| self.downstream_error(url, e))
     }
 
@@ -141,10 +149,15 @@ impl Element for GrpcClient {
                 tracing::warn!(error = %e.message(), "closing at the old next hop failed");
             }
         }
-        let ch = self.pool.get(&url).await?;
-        let r = self.tonic_request(ctx, req)?;
+        let (ch, server) = self.pool.get_with_peer(&url).await?;
+        let r = self.tonic_request(&server, ctx, req)?;
         let conn =
             NetworkServiceClient::new(ch).request(r).await.map_err(|e| self.downstream_error(&url, e))?.into_inner();
+        // The server this call reached (mTLS): the client-side policy checks
+        // the tokens it returned against its certificate.
+        if server.spiffe_id.is_some() {
+            ctx.ext.insert(server);
+        }
         if let Some(m) = &ctx.meta {
             m.client_insert(DialedUrl(url));
         }

@@ -2,6 +2,7 @@
 //! after its Go package in `networkservicemesh/sdk` so behaviour can be
 //! compared, and documents its guarantees and chain placement.
 
+pub mod authorize;
 pub mod begin;
 pub mod chain;
 pub mod clientinfo;

@@ -32,6 +32,7 @@ use crate::networkservice::connect::DEFAULT_CALL_TIMEOUT;
 use crate::networkservice::server::context_of;
 use crate::tools::grpc::ChannelPool;
 
+pub mod authorize;
 pub mod client;
 pub mod expire;
 pub mod interdomain;
@@ -199,6 +200,9 @@ impl RemoteRegistry {
         let mut r = Request::new(msg);
         if !streaming {
             r.set_timeout(ctx.remaining().unwrap_or(DEFAULT_CALL_TIMEOUT));
+            // Continue the registry path (nsm-spec §1.9.3) that this hop's
+            // `authorize::UpdatePath` left in the context, if any.
+            authorize::forward_path(ctx, r.metadata_mut());
         }
         r
     }

@@ -4,10 +4,14 @@
 //! # Layout
 //! - this module: [`Svid`], [`SvidSource`] (where the current SVID and trust
 //!   bundles come from), [`StaticSvid`] for tests.
-//! - `tls`: rustls server/client configs and transports (mTLS on unix and
+//! - [`tls`]: rustls server/client configs and transports (mTLS on unix and
 //!   TCP), peer identity for the chain.
 //! - `jwt`: ES256 JWTs signed with the SVID key.
 //! - `policy`: the Rego policy engine and the default policy set.
+
+pub mod jwt;
+pub mod policy;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::SystemTime;

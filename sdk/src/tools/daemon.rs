@@ -48,7 +48,18 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     drain: Duration,
 ) -> Result<(), tonic::transport::Error> {
-    let (incoming, guard) = listeners.into_incoming();
+    serve_with(router, listeners, None, shutdown, drain).await
+}
+
+/// [`serve`] with mutual TLS on every connection when `tls` is given.
+pub async fn serve_with(
+    router: Router,
+    listeners: Listeners,
+    tls: Option<std::sync::Arc<crate::security::tls::Tls>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    drain: Duration,
+) -> Result<(), tonic::transport::Error> {
+    let (incoming, guard) = listeners.into_incoming_with(tls);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = router.serve_with_incoming_shutdown(incoming, async move {
         shutdown.await;

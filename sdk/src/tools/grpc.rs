@@ -24,6 +24,7 @@ use tonic::transport::{Channel, Endpoint};
 use url::Url;
 
 use crate::networkservice::chain::Peer;
+use crate::security::tls::{PeerIdentity, Tls, peer_identity};
 
 /// Errors of URL parsing and socket setup; they name the URL or path.
 #[derive(Debug, thiserror::Error)]
@@ -235,13 +236,23 @@ impl Listeners {
         self.tcp.first().and_then(|l| l.local_addr().ok())
     }
 
-    /// One stream of accepted connections from every listener.
+    /// One stream of accepted plaintext connections from every listener.
     pub fn into_incoming(self) -> (Incoming, SocketGuard) {
-        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Io>>(128);
+        self.into_incoming_with(None)
+    }
+
+    /// One stream of accepted connections from every listener; with `tls`,
+    /// each connection's TLS handshake runs in its own task (bounded by
+    /// [`HANDSHAKE_TIMEOUT`]) so a slow or failing peer never blocks
+    /// accepting, and a failed handshake is logged with what is known of
+    /// the peer and dropped.
+    pub fn into_incoming_with(self, tls: Option<Arc<Tls>>) -> (Incoming, SocketGuard) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Conn>>(128);
+        let (raw_tx, mut raw_rx) = tokio::sync::mpsc::channel::<std::io::Result<Io>>(128);
         let mut tasks = vec![];
         let paths = self.unix.iter().map(|(_, p)| p.clone()).collect();
         for (ln, _) in self.unix {
-            let tx = tx.clone();
+            let tx = raw_tx.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
                     let r = ln.accept().await.map(|(s, _)| Io::Unix(s));
@@ -252,7 +263,7 @@ impl Listeners {
             }));
         }
         for ln in self.tcp {
-            let tx = tx.clone();
+            let tx = raw_tx.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
                     let r = ln.accept().await.map(|(s, _)| {
@@ -265,17 +276,113 @@ impl Listeners {
                 }
             }));
         }
+        drop(raw_tx);
+        tasks.push(tokio::spawn(async move {
+            while let Some(r) = raw_rx.recv().await {
+                let io = match r {
+                    Ok(io) => io,
+                    Err(e) => {
+                        if tx.send(Err(e)).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                match &tls {
+                    None => {
+                        if tx.send(Ok(Conn::Plain(io))).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(t) => {
+                        let (acceptor, tx) = (t.acceptor(), tx.clone());
+                        tokio::spawn(async move {
+                            let who = io.connect_info().peer;
+                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+                                Ok(Ok(s)) => {
+                                    let _ = tx.send(Ok(Conn::Tls(Box::new(s)))).await;
+                                }
+                                Ok(Err(e)) => tracing::warn!(
+                                    peer_pid = ?who.pid,
+                                    peer_addr = ?who.addr,
+                                    error = %e,
+                                    "TLS handshake refused: the peer has no valid SVID from a trusted domain, or does not speak TLS"
+                                ),
+                                Err(_) => tracing::warn!(peer_pid = ?who.pid, peer_addr = ?who.addr, "TLS handshake timed out"),
+                            }
+                        });
+                    }
+                }
+            }
+        }));
         (Incoming { rx }, SocketGuard { paths, tasks })
     }
 }
 
+/// How long a peer may take for its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An accepted connection: plaintext, or TLS over it.
+pub enum Conn {
+    Plain(Io),
+    Tls(Box<tokio_rustls::server::TlsStream<Io>>),
+}
+
+impl Connected for Conn {
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> ConnInfo {
+        match self {
+            Conn::Plain(io) => io.connect_info(),
+            Conn::Tls(s) => {
+                let (io, session) = s.get_ref();
+                let mut ci = io.connect_info();
+                let id = peer_identity(session.peer_certificates());
+                ci.peer.spiffe_id = id.spiffe_id;
+                ci.peer.cert_der = id.cert_der;
+                ci
+            }
+        }
+    }
+}
+
+macro_rules! delegate_io {
+    ($t:ty, $($v:ident),+) => {
+        impl AsyncRead for $t {
+            fn poll_read(self: Pin<&mut Self>, cx: &mut TaskCx<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+                match self.get_mut() { $(Self::$v(s) => Pin::new(s).poll_read(cx, buf),)+ }
+            }
+        }
+        impl AsyncWrite for $t {
+            fn poll_write(self: Pin<&mut Self>, cx: &mut TaskCx<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+                match self.get_mut() { $(Self::$v(s) => Pin::new(s).poll_write(cx, buf),)+ }
+            }
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<std::io::Result<()>> {
+                match self.get_mut() { $(Self::$v(s) => Pin::new(s).poll_flush(cx),)+ }
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<std::io::Result<()>> {
+                match self.get_mut() { $(Self::$v(s) => Pin::new(s).poll_shutdown(cx),)+ }
+            }
+        }
+    };
+}
+
+delegate_io!(Conn, Plain, Tls);
+
+/// A dialed connection: plaintext, or TLS over it.
+pub enum ClientConn {
+    Plain(Io),
+    Tls(Box<tokio_rustls::client::TlsStream<Io>>),
+}
+
+delegate_io!(ClientConn, Plain, Tls);
+
 /// Accepted connections, ready for `serve_with_incoming`.
 pub struct Incoming {
-    rx: tokio::sync::mpsc::Receiver<std::io::Result<Io>>,
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Conn>>,
 }
 
 impl Stream for Incoming {
-    type Item = std::io::Result<Io>;
+    type Item = std::io::Result<Conn>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<Option<Self::Item>> {
         self.rx.poll_recv(cx)
     }
@@ -300,39 +407,79 @@ impl Drop for SocketGuard {
 
 // === dialing ===
 
-/// Dials an NSM URL. Fails fast (within `timeout`) with a message naming the
-/// URL when nothing listens there.
+/// Dials an NSM URL in plaintext. Fails fast (within `timeout`) with a
+/// message naming the URL when nothing listens there.
 pub async fn dial(u: &Url, timeout: Duration) -> Result<Channel, Error> {
-    let derr = |reason: String| Error::Dial { url: u.to_string(), reason };
+    dial_with(u, timeout, None).await.map(|(c, _)| c)
+}
+
+/// Who a dialed channel reached (updated on every reconnect).
+pub type ServerPeerCell = Arc<Mutex<PeerIdentity>>;
+
+async fn connect_raw(u: &Url) -> std::io::Result<Io> {
     match u.scheme() {
-        "unix" => {
-            let path: PathBuf = PathBuf::from(u.path());
-            let p2 = path.clone();
-            let ep = Endpoint::from_static("http://nsm.invalid").connect_timeout(timeout);
-            // A pre-flight connect gives a precise error (ENOENT vs ECONNREFUSED).
-            tokio::time::timeout(timeout, UnixStream::connect(&path))
-                .await
-                .map_err(|_| derr(format!("timed out after {timeout:?}")))?
-                .map_err(|e| derr(e.to_string()))?;
-            ep.connect_with_connector(tower::service_fn(move |_| {
-                let p = p2.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
-            }))
-            .await
-            .map_err(|e| derr(source_chain(&e)))
+        "unix" => Ok(Io::Unix(UnixStream::connect(u.path()).await?)),
+        _ => {
+            let auth = tcp_authority(u).ok_or_else(|| std::io::Error::other("tcp URL needs host:port"))?;
+            let s = TcpStream::connect(auth).await?;
+            let _ = s.set_nodelay(true);
+            Ok(Io::Tcp(s))
         }
-        "tcp" => {
-            let auth = tcp_authority(u).ok_or_else(|| derr("needs host:port".into()))?;
-            Endpoint::from_shared(format!("http://{auth}"))
-                .map_err(|e| derr(e.to_string()))?
-                .connect_timeout(timeout)
-                .tcp_nodelay(true)
-                .connect()
-                .await
-                .map_err(|e| derr(source_chain(&e)))
-        }
-        s => Err(derr(format!("unsupported scheme {s:?}"))),
     }
+}
+
+/// Dials an NSM URL, with mutual TLS if `tls` is given. Fails fast (within
+/// `timeout`) with a message naming the URL: nothing listening, a refused
+/// handshake (our SVID not trusted there, or theirs not trusted here), a
+/// peer that does not speak TLS.
+pub async fn dial_with(u: &Url, timeout: Duration, tls: Option<&Arc<Tls>>) -> Result<(Channel, ServerPeerCell), Error> {
+    dial_connector(u, timeout, tls.map(|t| t.connector())).await
+}
+
+/// [`dial_with`] with any rustls client configuration (tests use it to
+/// present SVIDs the Workload API would never hand out).
+pub async fn dial_connector(
+    u: &Url,
+    timeout: Duration,
+    connector: Option<tokio_rustls::TlsConnector>,
+) -> Result<(Channel, ServerPeerCell), Error> {
+    let derr = |reason: String| Error::Dial { url: u.to_string(), reason };
+    if !matches!(u.scheme(), "unix" | "tcp") {
+        return Err(derr(format!("unsupported scheme {:?}", u.scheme())));
+    }
+    let peer: ServerPeerCell = Arc::default();
+    let handshake = {
+        let (u, connector, peer) = (u.clone(), connector.clone(), peer.clone());
+        move || {
+            let (u, connector, peer) = (u.clone(), connector.clone(), peer.clone());
+            async move {
+                let io = connect_raw(&u).await?;
+                let conn = match connector {
+                    None => ClientConn::Plain(io),
+                    Some(c) => {
+                        // SPIFFE peers are identified by URI SAN, not by
+                        // server name; any valid name will do.
+                        let name = rustls::pki_types::ServerName::try_from("nsm.invalid")
+                            .map_err(|e| std::io::Error::other(e.to_string()))?;
+                        let s = c.connect(name, io).await?;
+                        *peer.lock().unwrap_or_else(|e| e.into_inner()) =
+                            peer_identity(s.get_ref().1.peer_certificates());
+                        ClientConn::Tls(Box::new(s))
+                    }
+                };
+                Ok::<_, std::io::Error>(TokioIo::new(conn))
+            }
+        }
+    };
+    // A pre-flight connect (and handshake) gives a precise error.
+    tokio::time::timeout(timeout, handshake())
+        .await
+        .map_err(|_| derr(format!("timed out after {timeout:?}")))?
+        .map_err(|e| derr(source_chain(&e)))?;
+    let ep = Endpoint::from_static("http://nsm.invalid").connect_timeout(timeout).tcp_nodelay(true);
+    let ch =
+        ep.connect_with_connector(tower::service_fn(move |_| handshake())).await.map_err(|e| derr(source_chain(&e)))?;
+    Ok((ch, peer))
 }
 
 /// Renders an error with its sources (`a: b: c`), so transport errors say
@@ -354,24 +501,43 @@ pub fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// Dialed channels by URL, shared by every connection of a component.
 #[derive(Clone, Default)]
 pub struct ChannelPool {
-    chans: Arc<Mutex<HashMap<String, Channel>>>,
+    chans: Arc<Mutex<HashMap<String, (Channel, ServerPeerCell)>>>,
     dial_timeout: Duration,
+    tls: Option<Arc<Tls>>,
 }
 
 impl ChannelPool {
-    /// A pool dialing with `dial_timeout`.
+    /// A pool dialing plaintext with `dial_timeout`.
     pub fn new(dial_timeout: Duration) -> ChannelPool {
-        ChannelPool { chans: Arc::default(), dial_timeout }
+        ChannelPool { chans: Arc::default(), dial_timeout, tls: None }
+    }
+
+    /// A pool dialing with mutual TLS when `tls` is given.
+    pub fn with_tls(dial_timeout: Duration, tls: Option<Arc<Tls>>) -> ChannelPool {
+        ChannelPool { chans: Arc::default(), dial_timeout, tls }
+    }
+
+    /// The TLS identity this pool dials with, if any.
+    pub fn tls(&self) -> Option<&Arc<Tls>> {
+        self.tls.as_ref()
     }
 
     /// A channel to `u`, dialing if needed.
     pub async fn get(&self, u: &Url) -> Result<Channel, Status> {
-        if let Some(c) = self.chans.lock().unwrap_or_else(|e| e.into_inner()).get(u.as_str()) {
-            return Ok(c.clone());
+        Ok(self.get_with_peer(u).await?.0)
+    }
+
+    /// A channel to `u` and who it reached (for client-side policy).
+    pub async fn get_with_peer(&self, u: &Url) -> Result<(Channel, PeerIdentity), Status> {
+        if let Some((c, p)) = self.chans.lock().unwrap_or_else(|e| e.into_inner()).get(u.as_str()) {
+            let peer = p.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            return Ok((c.clone(), peer));
         }
-        let c = dial(u, self.dial_timeout).await.map_err(|e| Status::unavailable(e.to_string()))?;
-        self.chans.lock().unwrap_or_else(|e| e.into_inner()).insert(u.to_string(), c.clone());
-        Ok(c)
+        let (c, p) =
+            dial_with(u, self.dial_timeout, self.tls.as_ref()).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let peer = p.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        self.chans.lock().unwrap_or_else(|e| e.into_inner()).insert(u.to_string(), (c.clone(), p));
+        Ok((c, peer))
     }
 
     /// Forgets a channel after a transport failure, so the next call redials.

@@ -1,0 +1,613 @@
+//! `authorize`: policy checks of the token path (`sdk:pkg/networkservice/
+//! common/authorize`), server and client side, and the bookkeeping that
+//! lets a monitor show a caller only its own connections.
+//!
+//! # Policy input
+//! As upstream: `{"index": n, "path_segments": [{"name","id","token",
+//! "expires","metrics"}...], "auth_info": {"certificate": "<PEM of the TLS
+//! peer's leaf>"}}`, `expires` as RFC 3339. **Our extension:** the
+//! connection's labels under `"labels"` (an object), so operator policies
+//! can decide on them (e.g. refuse `labels.color == "red"`); upstream's
+//! input has no labels.
+//!
+//! # Guarantees — [`AuthorizeServer`]
+//! - With a TLS peer (`ctx.peer.cert_der`), Request and Close are checked
+//!   against the left side of the path (`segments[0..=index]`) before the
+//!   rest of the chain runs. Denied ⇒ `PermissionDenied "no sufficient
+//!   privileges: policy <name> denied ..."`; evaluation error ⇒ `Internal`.
+//!   Nothing after this element runs in either case.
+//! - Without a TLS peer (plaintext / insecure mode, and events `begin`
+//!   starts itself, e.g. timeout closes) the call passes unchecked.
+//! - After a successful Request it records `peer SPIFFE ID → caller's
+//!   connection id` (the id of `segments[index-1]`, as upstream) for
+//!   [`AuthorizeMonitor`]. The record is released on Close (whatever the
+//!   rest of the chain answers) and never made for a failed first Request,
+//!   so the tables stay bounded by the live connections (upstream leaked on
+//!   failed Requests). A refresh from another peer moves the record.
+//!
+//! # Guarantees — [`AuthorizeClient`]
+//! - After the rest of the client chain returns, the full returned path is
+//!   checked with `auth_info` = the server's certificate, taken from the
+//!   [`ServerPeer`] the TLS transport puts into `ctx.ext`. No `ServerPeer`
+//!   or no certificate in it (plaintext) ⇒ unchecked.
+//! - Denied on a first Request ⇒ the new connection is closed again (best
+//!   effort) and `PermissionDenied` returned. Denied on a refresh of a
+//!   connection that was authorized before (known from `ctx.meta`) ⇒
+//!   `PermissionDenied` without closing: the established connection stays
+//!   until its caller closes it or its tokens expire.
+//!
+//! # Chain placement
+//! Server: after `updatepath`, `begin`, `updatetoken` (it checks the tokens
+//! `updatetoken` wrote), before `metadata`/`timeout` and everything that
+//! builds state. Client: near the end of the client chain (before the
+//! `connect`/gRPC tail), after `metadata` (refresh detection needs it).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use nsm_api::connection::{Connection, State};
+use nsm_api::networkservice::NetworkServiceRequest;
+use serde_json::{Value, json};
+use tonic::Status;
+
+use super::chain::{Context, Element, Next, Peer, conn_mut};
+use crate::security::jwt;
+use crate::security::policy::PolicySet;
+use crate::tools::token;
+
+/// The server a client chain talks to, as the TLS transport saw it: the
+/// gRPC client tail puts it into `ctx.ext` after a call over mTLS, and
+/// [`AuthorizeClient`] checks the returned path against its certificate.
+/// (One type, defined by the transport in `security::tls`, re-exported here
+/// so the value the transport inserts is the one this element looks up.)
+pub use crate::security::tls::ServerPeer;
+
+/// Builds the policy input for `conn`'s path: segments `[0..=upto]` (all if
+/// `None`), `index` = the path's index, `auth_info.certificate` = PEM of
+/// `cert_der`, plus the connection's labels (our extension).
+pub fn policy_input(conn: &Connection, upto: Option<usize>, cert_der: &[u8]) -> Value {
+    let (index, segs) = match &conn.path {
+        Some(p) => (p.index, p.path_segments.as_slice()),
+        None => (0, &[][..]),
+    };
+    let end = upto.map_or(segs.len(), |u| (u + 1).min(segs.len()));
+    let segments: Vec<Value> = segs[..end]
+        .iter()
+        .map(|s| {
+            let expires = s
+                .expires
+                .as_ref()
+                .and_then(token::from_timestamp)
+                .map(|t| humantime::format_rfc3339_nanos(t).to_string());
+            json!({"name": s.name, "id": s.id, "token": s.token, "expires": expires, "metrics": s.metrics})
+        })
+        .collect();
+    json!({
+        "index": index,
+        "path_segments": segments,
+        "auth_info": {"certificate": jwt::cert_to_pem(cert_der)},
+        "labels": conn.labels,
+    })
+}
+
+fn peer_name(peer: &Peer) -> String {
+    peer.spiffe_id.clone().unwrap_or_else(|| "an unidentified TLS peer".to_string())
+}
+
+/// Who owns which connections (for monitor authorization).
+#[derive(Default)]
+struct Owners {
+    /// This hop's connection id → (peer SPIFFE ID, caller's connection id).
+    by_conn: HashMap<String, (String, String)>,
+    /// Peer SPIFFE ID → caller connection ids (each set non-empty).
+    by_peer: HashMap<String, HashSet<String>>,
+}
+
+impl Owners {
+    fn record(&mut self, conn_id: &str, peer: &str, caller_id: &str) {
+        if let Some((p, c)) = self.by_conn.get(conn_id)
+            && p == peer
+            && c == caller_id
+        {
+            return;
+        }
+        self.release(conn_id);
+        self.by_conn.insert(conn_id.to_string(), (peer.to_string(), caller_id.to_string()));
+        self.by_peer.entry(peer.to_string()).or_default().insert(caller_id.to_string());
+    }
+
+    fn release(&mut self, conn_id: &str) {
+        let Some((peer, caller_id)) = self.by_conn.remove(conn_id) else { return };
+        if let Some(set) = self.by_peer.get_mut(&peer) {
+            set.remove(&caller_id);
+            if set.is_empty() {
+                self.by_peer.remove(&peer);
+            }
+        }
+    }
+}
+
+/// Server-side `authorize`.
+pub struct AuthorizeServer {
+    policies: PolicySet,
+    owners: Arc<Mutex<Owners>>,
+}
+
+impl AuthorizeServer {
+    /// `authorize` with `policies` (usually [`PolicySet::server`], plus
+    /// operator files).
+    pub fn new(policies: PolicySet) -> Arc<AuthorizeServer> {
+        Arc::new(AuthorizeServer { policies, owners: Arc::default() })
+    }
+
+    /// Connections with an owner record (for leak tests and metrics).
+    pub fn len(&self) -> usize {
+        self.owners.lock().map(|o| o.by_conn.len()).unwrap_or(0)
+    }
+
+    /// True when nothing is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Distinct peers with at least one connection.
+    pub fn peers(&self) -> usize {
+        self.owners.lock().map(|o| o.by_peer.len()).unwrap_or(0)
+    }
+
+    /// The monitor authorizer sharing this element's ownership records.
+    pub fn monitor(&self) -> AuthorizeMonitor {
+        AuthorizeMonitor { owners: Some(self.owners.clone()) }
+    }
+
+    fn check(&self, ctx: &Context, conn: &Connection, what: &str) -> Result<(), Status> {
+        let Some(cert) = &ctx.peer.cert_der else { return Ok(()) };
+        let index = conn.path.as_ref().map_or(0, |p| p.index as usize);
+        let input = policy_input(conn, Some(index), cert);
+        self.policies.evaluate(&input).map_err(|r| {
+            let peer = peer_name(&ctx.peer);
+            tracing::warn!(conn_id = %conn.id, peer = %peer, policy = r.policy(), error = %r, "{what} refused");
+            r.to_status(&format!("the {what} of {peer} for connection {}", conn.id))
+        })
+    }
+}
+
+/// The caller's connection id: the id of `segments[index-1]`.
+fn caller_id(conn: &Connection) -> Option<String> {
+    let p = conn.path.as_ref()?;
+    let i = (p.index as usize).checked_sub(1)?;
+    p.path_segments.get(i).map(|s| s.id.clone())
+}
+
+#[async_trait]
+impl Element for AuthorizeServer {
+    fn name(&self) -> &'static str {
+        "authorize"
+    }
+
+    async fn request(
+        &self,
+        ctx: &mut Context,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection, Status> {
+        if ctx.peer.cert_der.is_none() {
+            return next.request(ctx, req).await;
+        }
+        let (conn_id, caller) = {
+            let conn = conn_mut(&mut req);
+            self.check(ctx, conn, "request")?;
+            (conn.id.clone(), caller_id(conn))
+        };
+        let conn = next.request(ctx, req).await?;
+        let owner = ctx
+            .peer
+            .spiffe_id
+            .clone()
+            .or_else(|| ctx.peer.cert_der.as_ref().and_then(|c| jwt::cert_spiffe_id(c).ok().flatten()));
+        if let (Some(owner), Some(caller)) = (owner, caller) {
+            self.owners.lock().unwrap_or_else(|e| e.into_inner()).record(&conn_id, &owner, &caller);
+        }
+        Ok(conn)
+    }
+
+    async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
+        self.check(ctx, &conn, "close")?;
+        let id = conn.id.clone();
+        let res = next.close(ctx, conn).await;
+        self.owners.lock().unwrap_or_else(|e| e.into_inner()).release(&id);
+        res
+    }
+}
+
+/// Marker in the client-side connection metadata: this connection passed
+/// [`AuthorizeClient`] before.
+#[derive(Clone, Copy, Debug)]
+struct Authorized;
+
+/// Client-side `authorize`.
+pub struct AuthorizeClient {
+    policies: PolicySet,
+}
+
+impl AuthorizeClient {
+    /// `authorize` (client) with `policies` (usually [`PolicySet::client`]).
+    pub fn new(policies: PolicySet) -> Arc<AuthorizeClient> {
+        Arc::new(AuthorizeClient { policies })
+    }
+}
+
+#[async_trait]
+impl Element for AuthorizeClient {
+    fn name(&self) -> &'static str {
+        "authorize-client"
+    }
+
+    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+        let conn = next.clone().request(ctx, req).await?;
+        let Some(server) = ctx.ext.get::<ServerPeer>().cloned() else { return Ok(conn) };
+        let Some(cert) = server.cert_der.clone() else { return Ok(conn) };
+        let input = policy_input(&conn, None, &cert);
+        let Err(refused) = self.policies.evaluate(&input) else {
+            if let Some(m) = &ctx.meta {
+                m.client_insert(Authorized);
+            }
+            return Ok(conn);
+        };
+        let who = server.spiffe_id.clone().unwrap_or_else(|| "the server".to_string());
+        let status = refused.to_status(&format!("the connection {} returned by {who}", conn.id));
+        let refresh = ctx.meta.as_ref().is_some_and(|m| m.client_get::<Authorized>().is_some());
+        tracing::warn!(conn_id = %conn.id, server = %who, policy = refused.policy(), refresh, error = %refused,
+            "returned connection refused");
+        if !refresh {
+            let mut closing = conn;
+            closing.state = State::Down as i32;
+            if let Err(e) = next.close(ctx, closing).await {
+                tracing::warn!(error = %e.message(), "closing the refused connection failed");
+            }
+        }
+        Err(status)
+    }
+
+    async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
+        if let Some(m) = &ctx.meta {
+            m.client_remove::<Authorized>();
+        }
+        next.close(ctx, conn).await
+    }
+}
+
+/// Decides which connections a `MonitorConnections` subscriber may see.
+///
+/// - [`AuthorizeMonitor::allow_all`] (upstream's default: no monitor
+///   policies) and a subscriber without a TLS identity (plaintext) see
+///   everything.
+/// - [`AuthorizeServer::monitor`] restricts an identified subscriber to
+///   connections it owns: one of the connection's path segment ids is a
+///   caller connection id recorded for the subscriber's SPIFFE ID.
+#[derive(Clone, Default)]
+pub struct AuthorizeMonitor {
+    owners: Option<Arc<Mutex<Owners>>>,
+}
+
+impl std::fmt::Debug for AuthorizeMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthorizeMonitor").field("enforcing", &self.owners.is_some()).finish()
+    }
+}
+
+impl AuthorizeMonitor {
+    /// Every subscriber sees every connection.
+    pub fn allow_all() -> AuthorizeMonitor {
+        AuthorizeMonitor { owners: None }
+    }
+
+    /// May `subscriber` see `conn`?
+    pub fn allows(&self, subscriber: &Peer, conn: &Connection) -> bool {
+        let (Some(owners), Some(id)) = (&self.owners, &subscriber.spiffe_id) else { return true };
+        let owners = owners.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mine) = owners.by_peer.get(id) else { return false };
+        conn.path.as_ref().is_some_and(|p| p.path_segments.iter().any(|s| mine.contains(&s.id)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use nsm_api::connection::{Path, PathSegment};
+
+    use super::*;
+    use crate::networkservice::begin::Begin;
+    use crate::networkservice::chain::Chain;
+    use crate::networkservice::metadata::Metadata;
+    use crate::networkservice::updatepath::UpdatePath;
+    use crate::networkservice::updatetoken::UpdateToken;
+    use crate::security::jwt::testpki::TestPki;
+    use crate::security::policy::tests::token;
+    use crate::security::{StaticSvid, Svid};
+    use crate::testing::{Inject, Record};
+    use crate::tools::token::{JwtTokens, Token};
+
+    fn now() -> i64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    }
+
+    fn peer_of(s: &Svid) -> Peer {
+        Peer {
+            spiffe_id: Some(s.spiffe_id.clone()),
+            cert_der: Some(Arc::new(s.cert_chain[0].clone())),
+            ..Default::default()
+        }
+    }
+
+    /// An nsmgr server chain as upstream orders it, with `tail` after
+    /// `authorize`.
+    fn server_chain(me: &Svid, policies: PolicySet, tail: Vec<Arc<dyn Element>>) -> (Chain, Arc<AuthorizeServer>) {
+        let auth = AuthorizeServer::new(policies);
+        let tokgen = JwtTokens::new(Arc::new(StaticSvid(Arc::new(me.clone()))), Duration::from_secs(600));
+        let mut elems: Vec<Arc<dyn Element>> =
+            vec![UpdatePath::new("nsmgr"), Begin::new(), UpdateToken::new(tokgen), auth.clone()];
+        elems.extend(tail);
+        (Chain::new(elems), auth)
+    }
+
+    /// What the nsc sends: its segment, and its per-RPC token in metadata.
+    fn nsc_call(
+        nsc: &Svid,
+        to: &Svid,
+        id: &str,
+        tok: Option<String>,
+        labels: &[(&str, &str)],
+    ) -> (Context, NetworkServiceRequest) {
+        let mut ctx = Context::default();
+        ctx.peer = peer_of(nsc);
+        let t = tok.unwrap_or_else(|| token(nsc, &to.spiffe_id, now() + 600));
+        token::put(&mut ctx.incoming, &Token { token: t, expires: SystemTime::now() + Duration::from_secs(600) });
+        let req = NetworkServiceRequest {
+            connection: Some(Connection {
+                id: id.into(),
+                labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                path: Some(Path {
+                    index: 0,
+                    path_segments: vec![PathSegment { name: "nsc".into(), id: id.into(), ..Default::default() }],
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        (ctx, req)
+    }
+
+    struct Fixture {
+        pki: TestPki,
+        nsc: Svid,
+        nsmgr: Svid,
+    }
+
+    fn fixture() -> Fixture {
+        let pki = TestPki::new();
+        let nsc = pki.svid("spiffe://test.local/nsc");
+        let nsmgr = pki.svid("spiffe://test.local/nsmgr");
+        Fixture { pki, nsc, nsmgr }
+    }
+
+    fn assert_denied(r: Result<Connection, Status>, policy: &str) {
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(
+            e.message().starts_with(&format!("no sufficient privileges: policy {policy} denied")),
+            "{}",
+            e.message()
+        );
+    }
+
+    #[tokio::test]
+    async fn good_request_passes_and_bad_tokens_are_refused_by_the_right_policy() {
+        let f = fixture();
+        let log = Record::log();
+        let (chain, auth) = server_chain(&f.nsmgr, PolicySet::server(), vec![Record::new("rest", &log)]);
+
+        let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, "c1", None, &[]);
+        let conn = chain.request(&mut ctx, req).await.unwrap();
+        assert_eq!(auth.len(), 1);
+        chain.close(&mut ctx, conn).await.unwrap();
+        assert_eq!(auth.len(), 0);
+        log.lock().unwrap().clear();
+
+        let cases = [
+            ("tokens_valid", "garbage".to_string()),
+            ("tokens_expired", token(&f.nsc, &f.nsmgr.spiffe_id, now() - 5)),
+            ("tokens_chained", token(&f.nsc, "spiffe://test.local/elsewhere", now() + 600)),
+            ("prev_token_signed", token(&f.pki.svid("spiffe://test.local/nsc"), &f.nsmgr.spiffe_id, now() + 600)),
+        ];
+        for (policy, tok) in cases {
+            let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, "c2", Some(tok), &[]);
+            assert_denied(chain.request(&mut ctx, req).await, policy);
+        }
+        assert!(log.lock().unwrap().is_empty(), "nothing after authorize ran");
+        assert_eq!(auth.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn plaintext_passes_through() {
+        let f = fixture();
+        let (chain, auth) = server_chain(&f.nsmgr, PolicySet::server(), vec![]);
+        let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, "c1", Some("garbage".into()), &[]);
+        ctx.peer = Peer::default();
+        chain.request(&mut ctx, req).await.unwrap();
+        assert_eq!(auth.len(), 0, "nothing to record without an identity");
+    }
+
+    #[tokio::test]
+    async fn custom_policy_denies_a_label() {
+        let f = fixture();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("no_red.rego");
+        std::fs::write(&file, "package nsm\n\ndefault valid := false\n\nvalid if input.labels.color != \"red\"\n")
+            .unwrap();
+        let set = PolicySet::server().with_files(std::slice::from_ref(&file)).unwrap();
+        let (chain, _) = server_chain(&f.nsmgr, set, vec![]);
+        let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, "c1", None, &[("color", "blue")]);
+        chain.request(&mut ctx, req).await.unwrap();
+        let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, "c2", None, &[("color", "red")]);
+        assert_denied(chain.request(&mut ctx, req).await, &file.display().to_string());
+    }
+
+    #[tokio::test]
+    async fn owner_table_stays_bounded() {
+        let f = fixture();
+        let allow = PolicySet::empty().with_source("allow.rego", "package nsm\n\nvalid := true\n").unwrap();
+        let (chain, auth) = server_chain(&f.nsmgr, allow.clone(), vec![]);
+        let start = auth.len();
+        for i in 0..10_000 {
+            let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, &format!("c{i}"), Some(String::new()), &[]);
+            let conn = chain.request(&mut ctx, req).await.unwrap();
+            chain.close(&mut ctx, conn).await.unwrap();
+        }
+        assert_eq!(auth.len(), start);
+        assert_eq!(auth.peers(), 0);
+        // Failed first Requests (downstream error, or denied) leave nothing.
+        let (failing, auth) =
+            server_chain(&f.nsmgr, allow, vec![Inject::error(tonic::Code::Unavailable, "no endpoint")]);
+        for i in 0..100 {
+            let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, &format!("f{i}"), Some(String::new()), &[]);
+            assert!(failing.request(&mut ctx, req).await.is_err());
+        }
+        assert_eq!(auth.len(), 0);
+        let (denying, auth) = server_chain(&f.nsmgr, PolicySet::server(), vec![]);
+        let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, "d", Some("garbage".into()), &[]);
+        assert!(denying.request(&mut ctx, req).await.is_err());
+        assert_eq!(auth.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn monitor_sees_only_own_connections() {
+        let f = fixture();
+        let other = f.pki.svid("spiffe://test.local/other-nsc");
+        let (chain, auth) = server_chain(&f.nsmgr, PolicySet::server(), vec![]);
+        let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, "mine", None, &[]);
+        let conn = chain.request(&mut ctx, req).await.unwrap();
+        let mon = auth.monitor();
+        assert!(mon.allows(&peer_of(&f.nsc), &conn));
+        assert!(!mon.allows(&peer_of(&other), &conn));
+        assert!(mon.allows(&Peer::default(), &conn), "plaintext subscriber");
+        assert!(AuthorizeMonitor::allow_all().allows(&peer_of(&other), &conn));
+        chain.close(&mut ctx, conn.clone()).await.unwrap();
+        assert!(!mon.allows(&peer_of(&f.nsc), &conn), "released on close");
+    }
+
+    /// A fake next hop for the client chain: returns the path extended with
+    /// a server segment carrying `server_token`, and records closes.
+    struct FakeServer {
+        server_token: Mutex<String>,
+        peer: ServerPeer,
+        closes: Mutex<u32>,
+    }
+
+    #[async_trait]
+    impl Element for FakeServer {
+        fn name(&self) -> &'static str {
+            "fake-server"
+        }
+        async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, _n: Next) -> Result<Connection, Status> {
+            ctx.ext.insert(self.peer.clone());
+            let mut conn = req.connection.unwrap_or_default();
+            let p = conn.path.get_or_insert_with(Default::default);
+            p.path_segments.truncate(p.index as usize + 1);
+            p.path_segments.push(PathSegment {
+                name: "nse".into(),
+                id: "nse-id".into(),
+                token: self.server_token.lock().unwrap().clone(),
+                ..Default::default()
+            });
+            Ok(conn)
+        }
+        async fn close(&self, _ctx: &mut Context, _c: Connection, _n: Next) -> Result<(), Status> {
+            *self.closes.lock().unwrap() += 1;
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn client_checks_the_returned_path() {
+        let f = fixture();
+        let nse = f.pki.svid("spiffe://test.local/nse");
+        let good = token(&nse, &f.nsc.spiffe_id, now() + 600);
+        let server = Arc::new(FakeServer {
+            server_token: Mutex::new(good.clone()),
+            peer: ServerPeer {
+                spiffe_id: Some(nse.spiffe_id.clone()),
+                cert_der: Some(Arc::new(nse.cert_chain[0].clone())),
+            },
+            closes: Mutex::new(0),
+        });
+        let chain = Chain::new(vec![
+            UpdatePath::new("nsc"),
+            Begin::new(),
+            Metadata::new(),
+            AuthorizeClient::new(PolicySet::client()),
+            server.clone(),
+        ]);
+        let req = |id: &str| {
+            let seg0 = PathSegment {
+                name: "nsc".into(),
+                id: id.into(),
+                token: token(&f.nsc, &nse.spiffe_id, now() + 600),
+                ..Default::default()
+            };
+            NetworkServiceRequest {
+                connection: Some(Connection {
+                    id: id.into(),
+                    path: Some(Path { index: 0, path_segments: vec![seg0] }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        };
+        let conn = chain.request(&mut Context::default(), req("a")).await.unwrap();
+        assert_eq!(*server.closes.lock().unwrap(), 0);
+
+        // A refresh whose server token is forged: refused, not closed.
+        *server.server_token.lock().unwrap() =
+            token(&f.pki.svid("spiffe://test.local/nse"), &f.nsc.spiffe_id, now() + 600);
+        let mut refresh = req("a");
+        refresh.connection = Some(conn.clone());
+        assert_denied(chain.request(&mut Context::default(), refresh).await, "next_token_signed");
+        assert_eq!(*server.closes.lock().unwrap(), 0, "an authorized connection is not torn down on refresh");
+
+        // A first request with a forged server token: refused and closed.
+        assert_denied(chain.request(&mut Context::default(), req("b")).await, "next_token_signed");
+        assert_eq!(*server.closes.lock().unwrap(), 1);
+
+        // Without a ServerPeer (plaintext) nothing is checked.
+        let plain = Arc::new(FakeServer {
+            server_token: Mutex::new("garbage".into()),
+            peer: server.peer.clone(),
+            closes: Mutex::new(0),
+        });
+        struct DropPeer;
+        #[async_trait]
+        impl Element for DropPeer {
+            fn name(&self) -> &'static str {
+                "drop-peer"
+            }
+            async fn request(
+                &self,
+                ctx: &mut Context,
+                req: NetworkServiceRequest,
+                next: Next,
+            ) -> Result<Connection, Status> {
+                let r = next.request(ctx, req).await;
+                ctx.ext.remove::<ServerPeer>();
+                r
+            }
+            async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
+                next.close(ctx, conn).await
+            }
+        }
+        let chain = Chain::new(vec![AuthorizeClient::new(PolicySet::client()), Arc::new(DropPeer), plain]);
+        chain.request(&mut Context::default(), req("c")).await.unwrap();
+    }
+}
