@@ -27,6 +27,7 @@ use clap::Parser;
 use nsm_api::connection::monitor_connection_server::MonitorConnectionServer;
 use nsm_api::registry::{NetworkServiceEndpoint, NetworkServiceLabels};
 use nsm_api::service_names;
+use nsm_sdk::networkservice::authorize::{AuthorizeClient, AuthorizeServer};
 use nsm_sdk::networkservice::begin::Begin;
 use nsm_sdk::networkservice::connect::{Connect, GrpcClient};
 use nsm_sdk::networkservice::discover::{Discover, RoundRobin};
@@ -40,10 +41,9 @@ use nsm_sdk::networkservice::updatetoken::UpdateToken;
 use nsm_sdk::networkservice::{Chain, Element};
 use nsm_sdk::registry::RemoteRegistry;
 use nsm_sdk::registry::client::register_nse_with_refresh;
-use nsm_sdk::tools::daemon::{self, CommonArgs, parse_duration};
-use nsm_sdk::tools::grpc::{ChannelPool, Listeners, parse_url};
+use nsm_sdk::tools::daemon::{self, CommonArgs, Security, parse_duration};
+use nsm_sdk::tools::grpc::{Listeners, parse_url};
 use nsm_sdk::tools::labels::parse_labels;
-use nsm_sdk::tools::token::ExpiryOnly;
 use url::Url;
 
 pub mod alloc;
@@ -202,10 +202,10 @@ pub fn owner_id(cfg: &Config) -> anyhow::Result<String> {
 }
 
 /// Builds the forwarder chain; `owner` is [`owner_id`].
-pub fn chain(cfg: &Config, remote: Option<Arc<remote::Remote>>, owner: &str) -> (Chain, Handles) {
-    let pool = ChannelPool::new(cfg.dial_timeout);
-    let registry = RemoteRegistry::new(cfg.connect_to.clone(), pool.clone());
-    let tokens = ExpiryOnly::new(cfg.max_token_lifetime);
+pub fn chain(cfg: &Config, sec: &Security, remote: Option<Arc<remote::Remote>>, owner: &str) -> (Chain, Handles) {
+    let pool = sec.pool(cfg.dial_timeout);
+    let registry = RemoteRegistry::new(cfg.connect_to.clone(), pool.clone()).with_tokens(sec.tokens.clone());
+    let tokens = sec.tokens.clone();
     let monitor = MonitorServer::new();
     // Closes of connections from before a restart still reach localkernel,
     // which removes the interfaces by their alias.
@@ -214,6 +214,8 @@ pub fn chain(cfg: &Config, remote: Option<Arc<remote::Remote>>, owner: &str) -> 
     let client = Chain::new(vec![
         UpdatePath::new(&cfg.name),
         TrimPath::client(),
+        // Check the tokens the next hop returned (client policies).
+        AuthorizeClient::new(sec.client.clone()),
         // Calls the endpoint chosen by roundrobin.
         GrpcClient::new(pool, tokens.clone()),
     ]);
@@ -222,6 +224,8 @@ pub fn chain(cfg: &Config, remote: Option<Arc<remote::Remote>>, owner: &str) -> 
         begin.clone(),
         metadata.clone(),
         UpdateToken::new(tokens),
+        // The caller's tokens: valid, unexpired, chained, signed by it.
+        AuthorizeServer::new(sec.server.clone()),
         Timeout::new(cfg.max_token_lifetime),
         monitor.element(),
         TrimPath::server(),
@@ -240,12 +244,13 @@ pub fn chain(cfg: &Config, remote: Option<Arc<remote::Remote>>, owner: &str) -> 
 /// `shutdown`; then unregisters.
 pub async fn run(
     cfg: Config,
+    sec: Security,
     listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let remote = remote(&cfg).await?;
     let owner = owner_id(&cfg)?;
-    let (chain, h) = chain(&cfg, remote, &owner);
+    let (chain, h) = chain(&cfg, &sec, remote, &owner);
     let node = nsm_sdk::tools::netns::NetnsHandle::current()?;
     let grace = cfg.orphan_grace.unwrap_or(cfg.max_token_lifetime + Duration::from_secs(30));
     let watched = sweep::start(&owner, &node, h.metadata.clone(), grace).await;
@@ -258,9 +263,10 @@ pub async fn run(
         .add_service(health)
         .add_service(ChainServer::new(chain).into_service())
         .add_service(MonitorConnectionServer::new(h.monitor.clone()));
-    let server = tokio::spawn(daemon::serve(router, listeners, shutdown, Duration::from_secs(5)));
+    let server = tokio::spawn(daemon::serve_with(router, listeners, sec.tls.clone(), shutdown, Duration::from_secs(5)));
 
-    let registry = RemoteRegistry::new(cfg.connect_to.clone(), ChannelPool::new(cfg.dial_timeout));
+    let registry =
+        RemoteRegistry::new(cfg.connect_to.clone(), sec.pool(cfg.dial_timeout)).with_tokens(sec.tokens.clone());
     let me = NetworkServiceEndpoint {
         name: cfg.name.clone(),
         network_service_names: vec![cfg.service_name.clone()],
@@ -288,7 +294,13 @@ pub async fn run(
             }
         }
     };
-    tracing::info!(name = %cfg.name, listen_on = %url, nsmgr = %cfg.connect_to, "forwarder registered and serving");
+    tracing::info!(
+        name = %cfg.name,
+        listen_on = %url,
+        nsmgr = %cfg.connect_to,
+        spiffe_id = sec.spiffe_id().as_deref().unwrap_or("(insecure)"),
+        "forwarder registered and serving"
+    );
     let res = server.await;
     guard.stop().await;
     res??;

@@ -6,9 +6,10 @@ use nsm_sdk::tools::grpc::Listeners;
 async fn main() {
     let cfg: Config = nsm_sdk::tools::daemon::parse_or_exit();
     cfg.common.init_or_exit("forwarder");
+    let sec = cfg.common.security_or_exit("forwarder", cfg.max_token_lifetime).await;
     let listeners =
         Listeners::bind(std::slice::from_ref(&cfg.listen_on)).await.unwrap_or_else(|e| exit_with("forwarder", e));
-    if let Err(e) = run(cfg, listeners, shutdown_signal()).await {
+    if let Err(e) = run(cfg, sec, listeners, shutdown_signal()).await {
         exit_with("forwarder", format!("{e:#}"));
     }
 }

@@ -25,12 +25,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use nsm_sdk::networkservice::authorize::AuthorizeClient;
 use nsm_sdk::networkservice::connect::GrpcClient;
 use nsm_sdk::networkservice::updatepath::UpdatePath;
 use nsm_sdk::networkservice::{Chain, Context};
-use nsm_sdk::tools::grpc::{ChannelPool, parse_url};
+use nsm_sdk::security::tls::Tls;
+use nsm_sdk::tools::daemon::Security;
+use nsm_sdk::tools::grpc::parse_url;
 use nsm_sdk::tools::nsurl::NsUrl;
-use nsm_sdk::tools::token::ExpiryOnly;
+use nsm_sdk::tools::token::JwtTokens;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster;
@@ -58,14 +61,23 @@ pub struct ClientReport {
 
 /// The bench client: `count` Requests for `service` with up to
 /// `concurrency` in flight, then Close of all of them. Runs inside the pod
-/// namespace (`nsm-lab bench-client`).
+/// namespace (`nsm-lab bench-client`), with mTLS, tokens and client
+/// policies like `nsc` when `SPIFFE_ENDPOINT_SOCKET` is set.
 pub async fn client(connect_to: &str, service: &str, count: usize, concurrency: usize) -> anyhow::Result<ClientReport> {
     let url = parse_url(connect_to)?;
-    let pool = ChannelPool::new(Duration::from_secs(5));
+    let life = Duration::from_secs(600);
+    let sec = match std::env::var("SPIFFE_ENDPOINT_SOCKET") {
+        Ok(sock) => {
+            let tls = Tls::from_workload_api(&sock, Duration::from_secs(10)).await?;
+            Security { tokens: JwtTokens::new(tls.clone(), life), tls: Some(tls), ..Security::insecure(life) }
+        }
+        Err(_) => Security::insecure(life),
+    };
     let chain = Chain::new(vec![
         UpdatePath::new("bench"),
         Arc::new(nsc::KernelClient),
-        GrpcClient::new(pool, ExpiryOnly::new(Duration::from_secs(600))),
+        AuthorizeClient::new(sec.client.clone()),
+        GrpcClient::new(sec.pool(Duration::from_secs(5)), sec.tokens.clone()),
     ]);
     let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let t0 = Instant::now();
@@ -297,7 +309,8 @@ fn setup_row(
 ) -> anyhow::Result<Setup> {
     crate::say_part!("  {name}, {} ... ", if concurrency > 1 { "concurrent" } else { "sequential" });
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", pod])
+    cmd.envs(crate::spire::env(lab, node.cluster))
+        .args(["netns", "exec", pod])
         .arg(lab.bin("nsm-lab"))
         .args(["bench-client", "--connect-to", node.nsmgr_url.as_str(), "--service", service])
         .args(["--count", &n.to_string(), "--concurrency", &concurrency.to_string()]);

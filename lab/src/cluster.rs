@@ -65,6 +65,9 @@ pub async fn build(lab: &mut Lab, clusters: u8, nodes: u8, opts: &NodeOpts) -> a
     if clusters == 0 || nodes == 0 || clusters > 9 || nodes > 9 {
         bail!("a lab topology has 1-9 clusters of 1-9 nodes");
     }
+    if !opts.insecure {
+        crate::spire::ensure(lab, clusters, &opts.svid_ttl).await?;
+    }
     let router = lab.add_netns("router")?;
     lab.exec(&router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"], Duration::from_secs(5))?;
     // Plumbing first, so every nsmgr can reach every registry at start.

@@ -55,6 +55,8 @@ pub struct Lab {
     keep: bool,
     detach: bool,
     torn_down: bool,
+    /// The dev Workload API servers and the lab's own SVID (mTLS labs).
+    pub(crate) spire: Option<crate::spire::Spire>,
 }
 
 /// Where the workspace binaries are: next to the running executable, or
@@ -65,7 +67,7 @@ pub fn default_bin_dir() -> anyhow::Result<PathBuf> {
     if dir.ends_with("deps") {
         dir.pop();
     }
-    for b in ["nsmgr", "forwarder", "nse-icmp-responder", "nsc", "nsm-registry"] {
+    for b in ["nsmgr", "forwarder", "nse-icmp-responder", "nsc", "nsm-registry", "nsm-spiffe-dev"] {
         if !dir.join(b).is_file() {
             bail!(
                 "binary {b} not found in {} — build the workspace binaries first: cargo build --workspace --bins",
@@ -118,9 +120,42 @@ impl Lab {
             keep: false,
             detach: false,
             torn_down: false,
+            spire: None,
         };
         lab.save()?;
         Ok(lab)
+    }
+
+    /// The lab's own SVID source (None until [`crate::spire::ensure`] ran,
+    /// or in a plaintext lab).
+    pub fn tls(&self) -> Option<&std::sync::Arc<nsm_sdk::security::tls::Tls>> {
+        self.spire.as_ref().map(|s| &s.tls)
+    }
+
+    /// A channel pool for the lab's own gRPC clients (mTLS when the lab has
+    /// identities).
+    pub fn pool(&self, dial_timeout: Duration) -> nsm_sdk::tools::grpc::ChannelPool {
+        nsm_sdk::tools::grpc::ChannelPool::with_tls(dial_timeout, self.tls().cloned())
+    }
+
+    /// The lab's token generator: ES256 tokens signed with its SVID, or
+    /// expiry-only tokens in a plaintext lab.
+    pub fn tokens(&self) -> nsm_sdk::tools::token::SharedTokenGenerator {
+        let life = Duration::from_secs(600);
+        match self.tls() {
+            Some(t) => nsm_sdk::tools::token::JwtTokens::new(t.clone(), life),
+            None => nsm_sdk::tools::token::ExpiryOnly::new(life),
+        }
+    }
+
+    /// A registry client acting as the lab (its pool and tokens).
+    pub fn registry(&self, url: &url::Url, dial_timeout: Duration) -> nsm_sdk::registry::RemoteRegistry {
+        nsm_sdk::registry::RemoteRegistry::new(url.clone(), self.pool(dial_timeout)).with_tokens(self.tokens())
+    }
+
+    /// Dials `url` as the lab (mTLS when the lab has identities).
+    pub async fn dial(&self, url: &url::Url) -> anyhow::Result<tonic::transport::Channel> {
+        Ok(nsm_sdk::tools::grpc::dial_with(url, Duration::from_secs(2), self.tls()).await?.0)
     }
 
     /// The state directory (logs, sockets).

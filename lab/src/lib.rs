@@ -37,5 +37,6 @@ pub mod cluster;
 pub mod demo;
 pub mod env;
 pub mod mesh;
+pub mod spire;
 
 pub use env::{Lab, default_bin_dir, down};

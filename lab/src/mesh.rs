@@ -12,12 +12,13 @@ use nsm_api::connection::monitor_connection_client::MonitorConnectionClient;
 use nsm_api::connection::{Connection, MonitorScopeSelector};
 use nsm_api::registry::NetworkServiceEndpoint;
 use nsm_sdk::networkservice::Context;
-use nsm_sdk::registry::{RemoteRegistry, find_nses};
-use nsm_sdk::tools::grpc::{ChannelPool, dial, parse_url};
+use nsm_sdk::registry::find_nses;
+use nsm_sdk::tools::grpc::parse_url;
 use serde::Deserialize;
 use url::Url;
 
 use crate::env::Lab;
+use crate::spire;
 
 /// A node: its namespace and the sockets of its nsmgr and forwarder.
 #[derive(Clone, Debug)]
@@ -33,6 +34,9 @@ pub struct Node {
     pub ip: Option<std::net::IpAddr>,
     /// Cluster domain (`my.cluster1`), if any.
     pub domain: String,
+    /// Index of the node's cluster (1 for single-cluster labs): which
+    /// Workload API gives its processes their identities.
+    pub cluster: u8,
 }
 
 /// Where a node's nsmgr finds its registry.
@@ -66,6 +70,12 @@ pub struct NodeOpts {
     pub log_level: String,
     /// Extra environment of every forwarder (`NSM_ORPHAN_GRACE`, ...).
     pub forwarder_env: Vec<(String, String)>,
+    /// Plaintext gRPC, no identities (`NSM_INSECURE=true` everywhere).
+    /// Default: mutual TLS with SVIDs from the lab's dev Workload API.
+    pub insecure: bool,
+    /// Lifetime of the SVIDs the lab's Workload API issues (rotated at
+    /// half of it).
+    pub svid_ttl: String,
 }
 
 impl Default for NodeOpts {
@@ -75,6 +85,8 @@ impl Default for NodeOpts {
             max_token_lifetime: "10m".into(),
             log_level: "INFO".into(),
             forwarder_env: vec![],
+            insecure: false,
+            svid_ttl: "1h".into(),
         }
     }
 }
@@ -122,6 +134,9 @@ fn sock(lab: &Lab, rel: &str) -> anyhow::Result<Url> {
 /// Starts registry, nsmgr and forwarder in a new node namespace (loopback
 /// only) and waits until the forwarder is registered.
 pub async fn start_node(lab: &mut Lab, name: &str, opts: &NodeOpts) -> anyhow::Result<Node> {
+    if !opts.insecure {
+        spire::ensure(lab, 1, &opts.svid_ttl).await?;
+    }
     let netns = lab.add_netns(name)?;
     let spec = NodeSpec {
         name: name.to_string(),
@@ -152,42 +167,41 @@ pub async fn start_node_in(lab: &mut Lab, netns: &str, spec: &NodeSpec, opts: &N
         registry_url: registry_url.clone(),
         ip: spec.ip,
         domain: spec.domain.clone(),
+        cluster: spec.cluster.trim_start_matches("cluster").parse().unwrap_or(1),
     };
+    if !opts.insecure {
+        spire::ensure(lab, node.cluster, &opts.svid_ttl).await?;
+    }
+    let id_env = spire::env(lab, node.cluster);
     let ll = opts.log_level.clone();
     if let RegistryAt::Here { listen, domains } = &spec.registry {
-        lab.spawn(
-            &format!("registry-{name}"),
-            netns,
-            "nsm-registry",
-            &[
-                ("NSM_LISTEN_ON", listen.to_string()),
-                ("NSM_EXPIRE_PERIOD", opts.expire_period.clone()),
-                ("NSM_DOMAIN", spec.domain.clone()),
-                ("NSM_DOMAIN_REGISTRIES", domains.clone()),
-                ("NSM_LOG_LEVEL", ll.clone()),
-            ],
-        )?;
+        let mut env = vec![
+            ("NSM_LISTEN_ON", listen.to_string()),
+            ("NSM_EXPIRE_PERIOD", opts.expire_period.clone()),
+            ("NSM_DOMAIN", spec.domain.clone()),
+            ("NSM_DOMAIN_REGISTRIES", domains.clone()),
+            ("NSM_LOG_LEVEL", ll.clone()),
+        ];
+        env.extend(id_env.iter().cloned());
+        lab.spawn(&format!("registry-{name}"), netns, "nsm-registry", &env)?;
     }
     let tcp = match spec.ip {
         Some(ip) => format!("tcp://{ip}:5001"),
         None => "tcp://127.0.0.1:5001".to_string(),
     };
-    lab.spawn(
-        &node.nsmgr_name,
-        netns,
-        "nsmgr",
-        &[
-            ("NSM_NAME", node.nsmgr_name.clone()),
-            ("NSM_LISTEN_ON", format!("{nsmgr_url},{tcp}")),
-            ("NSM_REGISTRY_URL", registry_url.to_string()),
-            ("NSM_EXPIRE_PERIOD", opts.expire_period.clone()),
-            ("NSM_MAX_TOKEN_LIFETIME", opts.max_token_lifetime.clone()),
-            ("NSM_DOMAIN", spec.domain.clone()),
-            ("NODE_NAME", name.to_string()),
-            ("CLUSTER_NAME", spec.cluster.clone()),
-            ("NSM_LOG_LEVEL", ll.clone()),
-        ],
-    )?;
+    let mut env = vec![
+        ("NSM_NAME", node.nsmgr_name.clone()),
+        ("NSM_LISTEN_ON", format!("{nsmgr_url},{tcp}")),
+        ("NSM_REGISTRY_URL", registry_url.to_string()),
+        ("NSM_EXPIRE_PERIOD", opts.expire_period.clone()),
+        ("NSM_MAX_TOKEN_LIFETIME", opts.max_token_lifetime.clone()),
+        ("NSM_DOMAIN", spec.domain.clone()),
+        ("NODE_NAME", name.to_string()),
+        ("CLUSTER_NAME", spec.cluster.clone()),
+        ("NSM_LOG_LEVEL", ll.clone()),
+    ];
+    env.extend(id_env.iter().cloned());
+    lab.spawn(&node.nsmgr_name, netns, "nsmgr", &env)?;
     start_forwarder(lab, &node, opts).await?;
     Ok(node)
 }
@@ -205,6 +219,7 @@ pub async fn start_forwarder(lab: &mut Lab, node: &Node, opts: &NodeOpts) -> any
     if let Some(ip) = node.ip {
         env.push(("NSM_TUNNEL_IP", ip.to_string()));
     }
+    env.extend(spire::env(lab, node.cluster));
     let extra: Vec<(&str, String)> = opts.forwarder_env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     env.extend(extra);
     // A restarted forwarder's name may still be registered by its
@@ -213,7 +228,7 @@ pub async fn start_forwarder(lab: &mut Lab, node: &Node, opts: &NodeOpts) -> any
     // sweep; a dead predecessor's socket file refuses connections).
     lab.spawn(&node.forwarder_name, &node.netns, "forwarder", &env)?;
     let t0 = Instant::now();
-    while connections(&node.forwarder_url).await.is_err() {
+    while connections(lab, &node.forwarder_url).await.is_err() {
         if !lab.running(&node.forwarder_name) {
             bail!("{} exited during start-up:\n{}", node.forwarder_name, lab.log_tail(&node.forwarder_name, 15));
         }
@@ -245,6 +260,7 @@ pub async fn start_nse(
         ("NSM_CIDR_PREFIX", cidr.to_string()),
         ("NSM_LOG_LEVEL", "INFO".to_string()),
     ];
+    env.extend(spire::env(lab, node.cluster));
     env.extend(extra.iter().cloned());
     lab.spawn(name, &netns, "nse-icmp-responder", &env)?;
     wait_registered(lab, node, name, Duration::from_secs(20)).await?;
@@ -254,7 +270,7 @@ pub async fn start_nse(
 /// Waits until endpoint `name` can be found through `node`'s nsmgr. Fails
 /// early (with the process log) if its process died.
 pub async fn wait_registered(lab: &mut Lab, node: &Node, name: &str, timeout: Duration) -> anyhow::Result<()> {
-    let reg = RemoteRegistry::new(node.nsmgr_url.clone(), ChannelPool::new(Duration::from_millis(500)));
+    let reg = lab.registry(&node.nsmgr_url, Duration::from_millis(500));
     let t0 = Instant::now();
     loop {
         let ctx = Context::with_timeout(Duration::from_secs(2));
@@ -291,6 +307,7 @@ pub fn nsc_init(
         ("NSM_NETWORK_SERVICES", nsurls.to_string()),
         ("NSM_OUTPUT", "json".to_string()),
     ];
+    env.extend(spire::env(lab, node.cluster));
     env.extend(extra.iter().cloned());
     let t0 = Instant::now();
     let out = lab.run_once(netns, "nsc", &["init"], &env, Duration::from_secs(60))?;
@@ -308,8 +325,8 @@ pub fn nsc_init(
 }
 
 /// Connections a component currently reports on MonitorConnections.
-pub async fn connections(url: &Url) -> anyhow::Result<Vec<Connection>> {
-    let ch = dial(url, Duration::from_secs(2)).await?;
+pub async fn connections(lab: &Lab, url: &Url) -> anyhow::Result<Vec<Connection>> {
+    let ch = lab.dial(url).await?;
     let mut s = MonitorConnectionClient::new(ch)
         .monitor_connections(MonitorScopeSelector::default())
         .await
@@ -357,6 +374,7 @@ pub fn spawn_nsc_sidecar(
         ("NSM_CONNECT_TO", node.nsmgr_url.to_string()),
         ("NSM_NETWORK_SERVICES", nsurls.to_string()),
     ];
+    env.extend(spire::env(lab, node.cluster));
     env.extend(extra.iter().cloned());
     lab.spawn_args(daemon, netns, "nsc", &["run"], &env)
 }

@@ -88,14 +88,14 @@ async fn request_ping_refresh_close() {
     assert_eq!(links(&lab, &client).unwrap(), ["nsm-1"]);
     let (ok, out) = ping(&lab, &client, "nsm-1", "172.16.1.100", 2).unwrap();
     assert!(ok, "after refresh: {out}");
-    assert_eq!(connections(&node.nsmgr_url).await.unwrap().len(), 1, "one connection at the nsmgr");
+    assert_eq!(connections(&lab, &node.nsmgr_url).await.unwrap().len(), 1, "one connection at the nsmgr");
 
     // Close: SIGTERM to the sidecar closes; both ends and all state go.
     lab.stop("sidecar", Duration::from_secs(5)).unwrap();
     assert!(links(&lab, &client).unwrap().is_empty(), "client end removed");
     assert!(links(&lab, &nse.netns).unwrap().is_empty(), "endpoint end removed");
     for u in [&node.nsmgr_url, &node.forwarder_url, &nse.url] {
-        assert!(connections(u).await.unwrap().is_empty(), "{u} still reports connections");
+        assert!(connections(&lab, u).await.unwrap().is_empty(), "{u} still reports connections");
     }
 }
 
@@ -121,7 +121,8 @@ async fn fifty_concurrent_clients() {
             .env("NSM_NETWORK_SERVICES", "kernel://icmp-responder/nsm-1")
             .env("NSM_OUTPUT", "json")
             .env("NSM_LOG_LEVEL", "WARN")
-            .env("NSM_REQUEST_TIMEOUT", "60s");
+            .env("NSM_REQUEST_TIMEOUT", "60s")
+            .envs(nsm_lab::spire::env(&lab, node.cluster));
         handles.push(std::thread::spawn(move || nsm_lab::env::output_with_timeout(cmd, Duration::from_secs(90))));
     }
     let mut addrs = HashSet::new();
@@ -155,7 +156,7 @@ async fn fifty_concurrent_clients() {
         }
     });
     assert_eq!(links(&lab, &nse.netns).unwrap().len(), n, "one veth end per client in the endpoint pod");
-    assert_eq!(connections(&node.nsmgr_url).await.unwrap().len(), n);
+    assert_eq!(connections(&lab, &node.nsmgr_url).await.unwrap().len(), n);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,10 +188,7 @@ async fn unhappy_paths_have_clear_errors_and_leave_nothing() {
     assert!(r.stderr.contains("no-such-service") && r.stderr.contains("not registered"), "{}", r.stderr);
 
     // No endpoint matching the selectors (the service asks for color=red).
-    let reg = nsm_sdk::registry::RemoteRegistry::new(
-        node.nsmgr_url.clone(),
-        nsm_sdk::tools::grpc::ChannelPool::new(Duration::from_secs(1)),
-    );
+    let reg = lab.registry(&node.nsmgr_url, Duration::from_secs(1));
     let ns = nsm_api::registry::NetworkService {
         name: "picky".into(),
         payload: "ETHERNET".into(),
@@ -225,14 +223,14 @@ async fn unhappy_paths_have_clear_errors_and_leave_nothing() {
     // Nothing was built by any of these.
     assert!(links(&lab, &client).unwrap().is_empty());
     assert!(links(&lab, &nse.netns).unwrap().is_empty());
-    assert!(connections(&node.nsmgr_url).await.unwrap().is_empty());
-    assert!(connections(&node.forwarder_url).await.unwrap().is_empty());
+    assert!(connections(&lab, &node.nsmgr_url).await.unwrap().is_empty());
+    assert!(connections(&lab, &node.forwarder_url).await.unwrap().is_empty());
 
     // A connection id another client owns: client A connects; client B (its
     // own pod) re-requests A's connection with A's full path.
     let ok = nsc_init(&lab, &node, &client, "owner", "kernel://icmp-responder/nsm-1", &[]).unwrap();
     assert!(ok.ok, "{}", ok.stderr);
-    let conns = connections(&node.nsmgr_url).await.unwrap();
+    let conns = connections(&lab, &node.nsmgr_url).await.unwrap();
     assert_eq!(conns.len(), 1);
     let intruder = lab.add_netns("intruder").unwrap();
     let stolen = serde_json::to_string(
@@ -251,6 +249,7 @@ async fn unhappy_paths_have_clear_errors_and_leave_nothing() {
                 ("NSM_CONNECT_TO", node.nsmgr_url.to_string()),
                 ("NSM_NETWORK_SERVICES", "kernel://icmp-responder/nsm-1".into()),
                 ("NSM_REQUEST_TIMEOUT", "5s".into()),
+                nsm_lab::spire::env(&lab, node.cluster).remove(0),
             ],
             Duration::from_secs(30),
         )
@@ -272,7 +271,7 @@ async fn unhappy_paths_have_clear_errors_and_leave_nothing() {
     assert!(!r.ok);
     assert!(r.stderr.contains("nse1") && r.stderr.contains("Unavailable"), "{}", r.stderr);
     assert!(links(&lab, &c2).unwrap().is_empty());
-    assert_eq!(connections(&node.nsmgr_url).await.unwrap().len(), 1, "only the owner's connection");
+    assert_eq!(connections(&lab, &node.nsmgr_url).await.unwrap().len(), 1, "only the owner's connection");
     // The dead endpoint's registration expires (NSM_EXPIRE_PERIOD=3s).
     let reg2 = reg.clone();
     eventually("dead endpoint unregistered by expiry", Duration::from_secs(8), move || {

@@ -87,7 +87,8 @@ async fn init_container_in_own_pid_namespace_that_exits() {
         .env("NSM_LOG_LEVEL", "WARN")
         // Nobody refreshes after the init container exits: the mesh must
         // close the connection when this token expires.
-        .env("NSM_MAX_TOKEN_LIFETIME", "3s");
+        .env("NSM_MAX_TOKEN_LIFETIME", "3s")
+        .envs(nsm_lab::spire::env(&lab, node.cluster));
     let out = output_with_timeout(c, Duration::from_secs(30)).unwrap();
     assert!(
         out.status.success(),
@@ -110,11 +111,11 @@ async fn init_container_in_own_pid_namespace_that_exits() {
     }
     // The nsmgr forgets the connection once the Close it sent has returned.
     let t0 = Instant::now();
-    while !connections(&node.nsmgr_url).await.unwrap().is_empty() {
+    while !connections(&lab, &node.nsmgr_url).await.unwrap().is_empty() {
         assert!(t0.elapsed() < Duration::from_secs(5), "the nsmgr still reports the connection");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(connections(&node.forwarder_url).await.unwrap().is_empty());
+    assert!(connections(&lab, &node.forwarder_url).await.unwrap().is_empty());
     assert!(lab.log_tail(&node.nsmgr_name, 50).contains("token expired"), "nsmgr log should say why it closed");
 }
 

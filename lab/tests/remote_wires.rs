@@ -15,7 +15,9 @@ use nsm_api::networkservice::network_service_client::NetworkServiceClient;
 use nsm_lab::cluster;
 use nsm_lab::env::Lab;
 use nsm_lab::mesh::{self, NodeOpts, NscSummary, connections, df_ping, link_kind, links, nsc_init, ping};
-use nsm_sdk::tools::grpc::dial;
+use nsm_sdk::networkservice::chain::Peer;
+use nsm_sdk::tools::grpc::dial_with;
+use nsm_sdk::tools::token;
 
 fn ip_of(cidr: &str) -> String {
     cidr.split('/').next().unwrap_or_default().to_string()
@@ -61,7 +63,7 @@ async fn assert_clean(lab: &Lab, pods: &[&str], nodes: &[&mesh::Node]) {
         assert_eq!(links(lab, &n.netns).unwrap(), ["eth0"], "tunnel devices left in {}", n.netns);
         for u in [&n.nsmgr_url, &n.forwarder_url] {
             let t0 = Instant::now();
-            while !connections(u).await.unwrap().is_empty() {
+            while !connections(lab, u).await.unwrap().is_empty() {
                 assert!(t0.elapsed() < Duration::from_secs(5), "{u} still reports connections");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -162,8 +164,8 @@ async fn cross_cluster_wireguard_and_vxlan_then_close() {
     check_wire(&lab, &pod, &eth.netns, &vx, "vxlan", 1450);
 
     // `wg show` reads both userspace devices through their UAPI sockets.
-    let fwd_a = connections(&a.forwarder_url).await.unwrap();
-    let fwd_b = connections(&b.forwarder_url).await.unwrap();
+    let fwd_a = connections(&lab, &a.forwarder_url).await.unwrap();
+    let fwd_b = connections(&lab, &b.forwarder_url).await.unwrap();
     let wg_ids: Vec<String> = fwd_a
         .iter()
         .chain(fwd_b.iter())
@@ -203,11 +205,11 @@ async fn killed_forwarders_leave_no_orphans() {
     let pod = lab.add_netns("pod").unwrap();
     let r = nsc_init(&lab, &n1, &pod, "nsc", "kernel://vx/nsm-1,kernel://wg/nsm-2", &[]).unwrap();
     assert!(r.ok, "{}", r.stderr);
-    let wg_ids: Vec<String> = connections(&n1.forwarder_url)
+    let wg_ids: Vec<String> = connections(&lab, &n1.forwarder_url)
         .await
         .unwrap()
         .into_iter()
-        .chain(connections(&n2.forwarder_url).await.unwrap())
+        .chain(connections(&lab, &n2.forwarder_url).await.unwrap())
         .filter(|c| c.network_service == "wg")
         .map(|c| c.id)
         .collect();
@@ -253,8 +255,11 @@ async fn killed_forwarders_leave_no_orphans() {
 
 /// Sends a request with the given REMOTE preference straight to the
 /// forwarder of `node`, as another node's forwarder would via the nsmgr.
-async fn remote_request(node: &mesh::Node, service: &str, nse: &str, m: Mechanism) -> tonic::Status {
-    let ch = dial(&node.forwarder_url, Duration::from_secs(2)).await.unwrap();
+async fn remote_request(lab: &Lab, node: &mesh::Node, service: &str, nse: &str, m: Mechanism) -> tonic::Status {
+    let (ch, server) = dial_with(&node.forwarder_url, Duration::from_secs(2), lab.tls()).await.unwrap();
+    let server = server.lock().unwrap().clone();
+    let peer = Peer { spiffe_id: server.spiffe_id, cert_der: server.cert_der, ..Default::default() };
+    let token = lab.tokens().generate(&peer).unwrap();
     let req = NetworkServiceRequest {
         connection: Some(Connection {
             id: "peer-1".into(),
@@ -272,6 +277,10 @@ async fn remote_request(node: &mesh::Node, service: &str, nse: &str, m: Mechanis
         }),
         mechanism_preferences: vec![m],
     };
+    // Signed by the lab for the forwarder, as the far nsmgr would: the
+    // forwarder's policies pass, and its answer is about the mechanism.
+    let mut req = tonic::Request::new(req);
+    token::put(req.metadata_mut(), &token);
     NetworkServiceClient::new(ch).request(req).await.unwrap_err()
 }
 
@@ -310,14 +319,14 @@ async fn bad_remote_input_is_refused_and_nothing_is_built() {
         (remote("GRE", &[("src_ip", "10.1.0.1")]), "no supported REMOTE mechanism"),
     ];
     for (m, what) in cases {
-        let st = remote_request(&n2, "svc", "nse1", m.clone()).await;
+        let st = remote_request(&lab, &n2, "svc", "nse1", m.clone()).await;
         assert_eq!(st.code(), tonic::Code::InvalidArgument, "{m:?}: {st:?}");
         assert!(st.message().contains(what), "{what:?} not named in {:?}", st.message());
     }
     assert!(links(&lab, &e.netns).unwrap().is_empty(), "nothing reached the endpoint pod");
     assert_eq!(links(&lab, &n2.netns).unwrap(), ["eth0"]);
-    assert!(connections(&n2.forwarder_url).await.unwrap().is_empty());
-    assert!(connections(&e.url).await.unwrap().is_empty(), "the endpoint was never asked");
+    assert!(connections(&lab, &n2.forwarder_url).await.unwrap().is_empty());
+    assert!(connections(&lab, &e.url).await.unwrap().is_empty(), "the endpoint was never asked");
 
     // Ports in use on the endpoint's node: WireGuard's only port, and VXLAN's.
     let hold = |port: u16| {
@@ -341,7 +350,7 @@ async fn bad_remote_input_is_refused_and_nothing_is_built() {
         .unwrap();
     // WireGuard carries IP packets only: refused for an ETHERNET service.
     let wg_for_l2 = remote("WIREGUARD", &[("src_ip", "10.1.0.1"), ("src_port", "51820"), ("src_public_key", key)]);
-    let st = remote_request(&n2, "l2", "nse2", wg_for_l2).await;
+    let st = remote_request(&lab, &n2, "l2", "nse2", wg_for_l2).await;
     assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
     assert!(st.message().contains("IP payload only"), "{}", st.message());
     assert!(links(&lab, &e2.netns).unwrap().is_empty());

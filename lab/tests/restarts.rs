@@ -61,7 +61,7 @@ async fn killed_forwarder_adopts_its_wire_after_restart() {
     lab.stop("sidecar", Duration::from_secs(5)).unwrap();
     assert!(links(&lab, &client).unwrap().is_empty());
     assert!(links(&lab, &nse.netns).unwrap().is_empty());
-    assert!(connections(&node.forwarder_url).await.unwrap().is_empty());
+    assert!(connections(&lab, &node.forwarder_url).await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,6 +98,6 @@ async fn close_reaching_a_restarted_forwarder_removes_the_wire() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(connections(&node.nsmgr_url).await.unwrap().is_empty());
-    assert!(connections(&nse.url).await.unwrap().is_empty(), "the endpoint was told too");
+    assert!(connections(&lab, &node.nsmgr_url).await.unwrap().is_empty());
+    assert!(connections(&lab, &nse.url).await.unwrap().is_empty(), "the endpoint was told too");
 }

@@ -27,15 +27,17 @@ use nsm_api::connection::monitor_connection_client::MonitorConnectionClient;
 use nsm_api::connection::{Connection, MonitorScopeSelector, PathSegment};
 use nsm_api::mechanisms::kernel;
 use nsm_api::networkservice::NetworkServiceRequest;
+use nsm_sdk::networkservice::authorize::AuthorizeClient;
 use nsm_sdk::networkservice::clientinfo::ClientInfo;
 use nsm_sdk::networkservice::connect::GrpcClient;
 use nsm_sdk::networkservice::updatepath::UpdatePath;
 use nsm_sdk::networkservice::{Chain, Context, Element, Next};
-use nsm_sdk::tools::daemon::{CommonArgs, parse_duration};
+use nsm_sdk::security::jwt;
+use nsm_sdk::tools::daemon::{CommonArgs, Security, parse_duration};
 use nsm_sdk::tools::grpc::{ChannelPool, parse_url};
 use nsm_sdk::tools::netns;
 use nsm_sdk::tools::nsurl::{NsUrl, parse_list};
-use nsm_sdk::tools::token::{self, ExpiryOnly};
+use nsm_sdk::tools::token;
 use tonic::Status;
 use url::Url;
 
@@ -163,6 +165,9 @@ pub struct Summary {
     pub dst_ips: Vec<String>,
     pub nse: String,
     pub path: Vec<String>,
+    /// The SPIFFE ID that signed each path segment's token (`sub`), empty
+    /// where the token is not a JWT (plaintext mode).
+    pub spiffe_ids: Vec<String>,
     pub setup_ms: f64,
     pub adopted: bool,
 }
@@ -178,6 +183,12 @@ impl Summary {
             dst_ips: ip.dst_ip_addrs,
             nse: conn.network_service_endpoint_name.clone(),
             path: conn.path.iter().flat_map(|p| p.path_segments.iter()).map(|s| s.name.clone()).collect(),
+            spiffe_ids: conn
+                .path
+                .iter()
+                .flat_map(|p| p.path_segments.iter())
+                .map(|s| jwt::decode(&s.token).map(|(_, c)| c.sub).unwrap_or_default())
+                .collect(),
             setup_ms: took.as_secs_f64() * 1000.0,
             adopted,
         }
@@ -215,13 +226,16 @@ fn transient(e: &Status) -> bool {
 
 impl Client {
     /// A client for `cfg` (nothing is requested yet).
-    pub fn new(cfg: Config) -> Client {
-        let pool = ChannelPool::new(cfg.dial_timeout);
+    pub fn new(cfg: Config, sec: &Security) -> Client {
+        let pool = sec.pool(cfg.dial_timeout);
         let chain = Chain::new(vec![
             UpdatePath::new(&cfg.name),
             ClientInfo::new(&cfg.node_name, &cfg.pod_name, &cfg.cluster_name),
             std::sync::Arc::new(KernelClient),
-            GrpcClient::new(pool.clone(), ExpiryOnly::new(cfg.max_token_lifetime)),
+            // The tokens the nsmgr returned: valid, unexpired, chained, and
+            // the nsmgr's signed by its certificate.
+            AuthorizeClient::new(sec.client.clone()),
+            GrpcClient::new(pool.clone(), sec.tokens.clone()),
         ]);
         let conns = cfg
             .network_services
@@ -258,15 +272,37 @@ impl Client {
     /// Finds a connection established earlier under `id` (an init container
     /// with the same name), as the nsmgr knows it.
     async fn find_existing(&self, id: &str) -> Option<Connection> {
-        let ch = self.pool.get(&self.cfg.connect_to).await.ok()?;
+        let warn = |what: &str, e: &dyn std::fmt::Display| {
+            tracing::warn!(nsmgr = %self.cfg.connect_to, error = %e, "{what}: requesting anew instead of adopting");
+        };
+        let ch = self.pool.get(&self.cfg.connect_to).await.map_err(|e| warn("dialing the nsmgr", &e.message())).ok()?;
         let sel = MonitorScopeSelector {
             path_segments: vec![PathSegment { id: id.to_string(), ..Default::default() }],
             ..Default::default()
         };
         let mut r = tonic::Request::new(sel);
-        r.set_timeout(Duration::from_secs(2));
-        let mut s = MonitorConnectionClient::new(ch).monitor_connections(r).await.ok()?.into_inner();
-        let ev = tokio::time::timeout(Duration::from_secs(2), s.next()).await.ok()??.ok()?;
+        r.set_timeout(Duration::from_secs(5));
+        let mut s = MonitorConnectionClient::new(ch)
+            .monitor_connections(r)
+            .await
+            .map_err(|e| warn("monitoring the nsmgr's connections", &e.message()))
+            .ok()?
+            .into_inner();
+        let ev = match tokio::time::timeout(Duration::from_secs(5), s.next()).await {
+            Ok(Some(Ok(ev))) => ev,
+            Ok(Some(Err(e))) => {
+                warn("the nsmgr's monitor stream", &e.message());
+                return None;
+            }
+            Ok(None) => {
+                warn("the nsmgr's monitor stream", &"ended before the initial state");
+                return None;
+            }
+            Err(_) => {
+                warn("the nsmgr's monitor stream", &"no initial state within 5 s");
+                return None;
+            }
+        };
         let mut conn = ev
             .connections
             .into_values()

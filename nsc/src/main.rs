@@ -6,7 +6,8 @@ async fn main() {
     let cfg: Config = nsm_sdk::tools::daemon::parse_or_exit();
     cfg.common.init_or_exit("nsc");
     let mode = cfg.mode;
-    let mut client = Client::new(cfg.clone());
+    let sec = cfg.common.security_or_exit("nsc", cfg.max_token_lifetime).await;
+    let mut client = Client::new(cfg.clone(), &sec);
     let summaries = match client.connect_all(mode == Mode::Run).await {
         Ok(s) => s,
         Err(e) => {

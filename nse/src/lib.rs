@@ -29,6 +29,7 @@ use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_api::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceLabels};
 use nsm_api::service_names;
 use nsm_sdk::ipam::point2point::Point2PointIpam;
+use nsm_sdk::networkservice::authorize::AuthorizeServer;
 use nsm_sdk::networkservice::begin::Begin;
 use nsm_sdk::networkservice::chain::conn_mut;
 use nsm_sdk::networkservice::mechanisms::Mechanisms;
@@ -42,11 +43,10 @@ use nsm_sdk::networkservice::updatetoken::UpdateToken;
 use nsm_sdk::networkservice::{Chain, Context, Element, Next};
 use nsm_sdk::registry::client::register_nse_with_refresh;
 use nsm_sdk::registry::{NsRegistry, RemoteRegistry};
-use nsm_sdk::tools::daemon::{self, CommonArgs, parse_duration};
-use nsm_sdk::tools::grpc::{ChannelPool, Listeners, parse_url};
+use nsm_sdk::tools::daemon::{self, CommonArgs, Security, parse_duration};
+use nsm_sdk::tools::grpc::{Listeners, parse_url};
 use nsm_sdk::tools::labels::parse_labels;
 use nsm_sdk::tools::netns;
-use nsm_sdk::tools::token::ExpiryOnly;
 use tonic::Status;
 use url::Url;
 
@@ -153,8 +153,8 @@ pub struct Handles {
 }
 
 /// Builds the endpoint chain.
-pub fn chain(cfg: &Config) -> anyhow::Result<(Chain, Handles)> {
-    let tokens = ExpiryOnly::new(cfg.max_token_lifetime);
+pub fn chain(cfg: &Config, sec: &Security) -> anyhow::Result<(Chain, Handles)> {
+    let tokens = sec.tokens.clone();
     let monitor = MonitorServer::new();
     let begin = Begin::new();
     let ipam = Point2PointIpam::new(&cfg.cidr_prefix)?;
@@ -163,6 +163,9 @@ pub fn chain(cfg: &Config) -> anyhow::Result<(Chain, Handles)> {
         begin.clone(),
         Metadata::new(),
         UpdateToken::new(tokens),
+        // The caller's tokens: valid, unexpired, chained, signed by it (plus
+        // NSM_POLICY_FILES).
+        AuthorizeServer::new(sec.server.clone()),
         Timeout::new(cfg.max_token_lifetime),
         monitor.element(),
         TrimPath::server(),
@@ -176,19 +179,21 @@ pub fn chain(cfg: &Config) -> anyhow::Result<(Chain, Handles)> {
 /// nsmgr until `shutdown`; then unregisters.
 pub async fn run(
     cfg: Config,
+    sec: Security,
     listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (chain, h) = chain(&cfg)?;
+    let (chain, h) = chain(&cfg, &sec)?;
     let url = listeners.urls().first().cloned().ok_or_else(|| anyhow::anyhow!("nothing to listen on"))?;
     let health = daemon::health_service(&[service_names::NETWORK_SERVICE, service_names::MONITOR_CONNECTION]).await;
     let router = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(ChainServer::new(chain).into_service())
         .add_service(MonitorConnectionServer::new(h.monitor.clone()));
-    let server = tokio::spawn(daemon::serve(router, listeners, shutdown, Duration::from_secs(5)));
+    let server = tokio::spawn(daemon::serve_with(router, listeners, sec.tls.clone(), shutdown, Duration::from_secs(5)));
 
-    let registry = RemoteRegistry::new(cfg.connect_to.clone(), ChannelPool::new(cfg.dial_timeout));
+    let registry =
+        RemoteRegistry::new(cfg.connect_to.clone(), sec.pool(cfg.dial_timeout)).with_tokens(sec.tokens.clone());
     let services: Vec<NetworkService> = cfg
         .service_names
         .iter()
@@ -237,6 +242,7 @@ pub async fn run(
         services = ?cfg.service_names,
         cidr = ?cfg.cidr_prefix.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
         listen_on = %url,
+        spiffe_id = sec.spiffe_id().as_deref().unwrap_or("(insecure)"),
         "endpoint registered and serving"
     );
     let res = server.await;

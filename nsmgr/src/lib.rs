@@ -11,10 +11,13 @@
 //! - [`discoverforwarder`], [`netnsowner`]: nsmgr-specific chain elements.
 //!
 //! # The Request chain
-//! `updatepath` → `begin` → `metadata` → `updatetoken` → `interdomain` → `netnsowner` →
+//! `updatepath` → `begin` → `metadata` → `updatetoken` → `authorize` → `interdomain` → `netnsowner` →
 //! `timeout` → `monitor` → `trimpath` → `clientinfo` → `discoverforwarder` →
 //! `connect` ⇒ client chain `updatepath` (same name: same path segment) →
-//! `trimpath` client → gRPC call to the forwarder.
+//! `trimpath` client → `authorize` client → gRPC call to the forwarder.
+//!
+//! Registry calls: `updatepath`/`updatetoken` → `authorize` (registry
+//! policies, first-registrant ownership) → relay or store.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -24,6 +27,7 @@ use std::time::Duration;
 use clap::Parser;
 use nsm_api::connection::monitor_connection_server::MonitorConnectionServer;
 use nsm_api::service_names;
+use nsm_sdk::networkservice::authorize::{AuthorizeClient, AuthorizeServer};
 use nsm_sdk::networkservice::begin::Begin;
 use nsm_sdk::networkservice::clientinfo::{ClientInfo, info_labels};
 use nsm_sdk::networkservice::connect::{Connect, GrpcClient};
@@ -35,11 +39,11 @@ use nsm_sdk::networkservice::trimpath::TrimPath;
 use nsm_sdk::networkservice::updatepath::UpdatePath;
 use nsm_sdk::networkservice::updatetoken::UpdateToken;
 use nsm_sdk::networkservice::{Chain, Element};
+use nsm_sdk::registry::authorize::{Authorize as RegAuthorize, UpdatePath as RegUpdatePath};
 use nsm_sdk::registry::memory::MemoryRegistry;
 use nsm_sdk::registry::{NsRegistry, NsRegistryServer, NseRegistry, NseRegistryServer, RemoteRegistry};
-use nsm_sdk::tools::daemon::{self, CommonArgs, parse_duration};
-use nsm_sdk::tools::grpc::{ChannelPool, Listeners, UrlList, parse_url, parse_url_list};
-use nsm_sdk::tools::token::ExpiryOnly;
+use nsm_sdk::tools::daemon::{self, CommonArgs, Security, parse_duration};
+use nsm_sdk::tools::grpc::{Listeners, UrlList, parse_url, parse_url_list};
 use url::Url;
 
 pub mod discoverforwarder;
@@ -127,46 +131,50 @@ pub struct Handles {
     pub begin: Arc<Begin>,
     pub metadata: Arc<Metadata>,
     pub relay: Arc<registry::NseRelay>,
+    pub authorize: Arc<AuthorizeServer>,
 }
 
 /// Builds the nsmgr and serves it on `listeners` until `shutdown`.
 pub async fn run(
     cfg: Config,
+    sec: Security,
     listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let public = public_url(listeners.urls())
         .or_else(|| listeners.urls().first().cloned())
         .ok_or_else(|| anyhow::anyhow!("NSM_LISTEN_ON is empty"))?;
-    let (router, _h) = build(&cfg, &public)?;
+    let (router, _h) = build(&cfg, &sec, &public)?;
     tracing::info!(
         name = %cfg.name,
         listen_on = ?listeners.urls().iter().map(Url::as_str).collect::<Vec<_>>(),
         public_url = %public,
         registry = %if cfg.registry_url.is_empty() { "in-memory" } else { &cfg.registry_url },
+        spiffe_id = sec.spiffe_id().as_deref().unwrap_or("(insecure)"),
         "nsmgr serving"
     );
-    daemon::serve(router.await, listeners, shutdown, Duration::from_secs(5)).await?;
+    daemon::serve_with(router.await, listeners, sec.tls.clone(), shutdown, Duration::from_secs(5)).await?;
     Ok(())
 }
 
 type RouterFut = std::pin::Pin<Box<dyn std::future::Future<Output = tonic::transport::server::Router> + Send>>;
 
 /// Assembles the chains and services.
-pub fn build(cfg: &Config, public: &Url) -> anyhow::Result<(RouterFut, Handles)> {
-    let pool = ChannelPool::new(cfg.dial_timeout);
+pub fn build(cfg: &Config, sec: &Security, public: &Url) -> anyhow::Result<(RouterFut, Handles)> {
+    let pool = sec.pool(cfg.dial_timeout);
     let (ns_reg, nse_store): (Arc<dyn NsRegistry>, Arc<dyn NseRegistry>) = if cfg.registry_url.is_empty() {
         let m = MemoryRegistry::new();
         (Arc::new(m.clone()), Arc::new(m))
     } else {
         let u = parse_url(&cfg.registry_url)?;
-        let r = RemoteRegistry::new(u, pool.clone());
+        let r = RemoteRegistry::new(u, pool.clone()).with_tokens(sec.tokens.clone());
         (Arc::new(r.clone()), Arc::new(r))
     };
     let labels: BTreeMap<String, String> = info_labels(&cfg.node_name, &cfg.pod_name, &cfg.cluster_name);
     let relay = registry::NseRelay::new(nse_store, public.as_str(), labels, cfg.expire_period);
 
-    let tokens = ExpiryOnly::new(cfg.max_token_lifetime);
+    let tokens = sec.tokens.clone();
+    let authorize = AuthorizeServer::new(sec.server.clone());
     let monitor = MonitorServer::new();
     let begin = Begin::new();
     let metadata = Metadata::new();
@@ -175,6 +183,8 @@ pub fn build(cfg: &Config, public: &Url) -> anyhow::Result<(RouterFut, Handles)>
         UpdatePath::new(&cfg.name),
         // Marks us as a passthrough so the downstream path is kept.
         TrimPath::client(),
+        // Check the tokens the forwarder returned (client policies).
+        AuthorizeClient::new(sec.client.clone()),
         // Calls the forwarder chosen by discoverforwarder.
         GrpcClient::new(pool.clone(), tokens.clone()),
     ]);
@@ -187,6 +197,8 @@ pub fn build(cfg: &Config, public: &Url) -> anyhow::Result<(RouterFut, Handles)>
         metadata.clone(),
         // Record the caller's token expiry, mint ours.
         UpdateToken::new(tokens.clone()),
+        // The caller's tokens: valid, unexpired, chained, signed by it.
+        authorize.clone(),
         // `svc@<our domain>` from another cluster is our `svc`.
         interdomain::Interdomain::new(&cfg.domain),
         // A client may only ask for interfaces in its own netns.
@@ -209,9 +221,12 @@ pub fn build(cfg: &Config, public: &Url) -> anyhow::Result<(RouterFut, Handles)>
         // Hand over to the forwarder.
         Connect::new(client),
     ];
-    let handles = Handles { monitor: monitor.clone(), begin, metadata, relay: relay.clone() };
-    let ns_server = NsRegistryServer(ns_reg);
-    let nse_server = NseRegistryServer(relay);
+    let handles = Handles { monitor: monitor.clone(), begin, metadata, relay: relay.clone(), authorize };
+    // Registry calls: path and tokens, then policies and first-registrant
+    // ownership, then the relay (nsm-spec §2.6).
+    let ns_server = NsRegistryServer(RegUpdatePath::ns(RegAuthorize::ns(ns_reg, sec.registry.clone()), tokens.clone()));
+    let nse_server =
+        NseRegistryServer(RegUpdatePath::nse(RegAuthorize::nse(relay, sec.registry.clone()), tokens.clone()));
     let chain = Chain::new(chain);
     tracing::debug!(chain = ?chain, "nsmgr chain");
     let fut = async move {
@@ -256,7 +271,8 @@ mod config_tests {
         assert_eq!(c.dial_timeout, Duration::from_millis(750));
         assert_eq!(c.max_token_lifetime, Duration::from_secs(600));
         assert_eq!(c.forwarder_service, "forwarder");
-        assert!(c.common.insecure);
+        assert!(!c.common.insecure, "mutual TLS by default");
+        assert_eq!(c.common.spiffe_endpoint_socket, "unix:///run/spire/sockets/agent.sock");
         let e = Config::try_parse_from(["nsmgr", "--listen-on", "http://x"]).unwrap_err().to_string();
         assert!(e.contains("http://x"), "{e}");
     }

@@ -6,8 +6,9 @@ use nsmgr::{Config, run};
 async fn main() {
     let cfg: Config = nsm_sdk::tools::daemon::parse_or_exit();
     cfg.common.init_or_exit("nsmgr");
+    let sec = cfg.common.security_or_exit("nsmgr", cfg.max_token_lifetime).await;
     let listeners = Listeners::bind(&cfg.listen_on.0).await.unwrap_or_else(|e| exit_with("nsmgr", e));
-    if let Err(e) = run(cfg, listeners, shutdown_signal()).await {
+    if let Err(e) = run(cfg, sec, listeners, shutdown_signal()).await {
         exit_with("nsmgr", format!("{e:#}"));
     }
 }

@@ -22,12 +22,13 @@ use std::time::Duration;
 
 use clap::Parser;
 use nsm_api::service_names;
+use nsm_sdk::registry::authorize::{Authorize, UpdatePath};
 use nsm_sdk::registry::expire::Expire;
 use nsm_sdk::registry::interdomain::{Interdomain, StaticDomains, check_domain};
 use nsm_sdk::registry::memory::MemoryRegistry;
-use nsm_sdk::registry::{NsRegistryServer, NseRegistryServer};
-use nsm_sdk::tools::daemon::{self, parse_duration};
-use nsm_sdk::tools::grpc::{ChannelPool, Listeners, UrlList, parse_url_list};
+use nsm_sdk::registry::{NsRegistry, NsRegistryServer, NseRegistry, NseRegistryServer};
+use nsm_sdk::tools::daemon::{self, Security, parse_duration};
+use nsm_sdk::tools::grpc::{Listeners, UrlList, parse_url_list};
 use url::Url;
 
 /// Configuration (flags or the upstream `NSM_*` environment variables).
@@ -55,6 +56,9 @@ pub struct Config {
     /// Timeout for dialing another domain's registry.
     #[arg(long, env = "NSM_DIAL_TIMEOUT", default_value = "750ms", value_parser = parse_duration)]
     pub dial_timeout: Duration,
+    /// Lifetime of the tokens this registry mints into registry paths.
+    #[arg(long, env = "NSM_MAX_TOKEN_LIFETIME", default_value = "10m", value_parser = parse_duration)]
+    pub max_token_lifetime: Duration,
     #[command(flatten)]
     pub common: daemon::CommonArgs,
 }
@@ -77,6 +81,7 @@ pub fn parse_domain_registries(s: &str) -> Result<StaticDomains, String> {
 /// Serves the registry on `listeners` until `shutdown` resolves.
 pub async fn run(
     cfg: Config,
+    sec: Security,
     listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -93,8 +98,13 @@ pub async fn run(
         local_nse,
         own_domain,
         Arc::new(cfg.domain_registries),
-        ChannelPool::new(cfg.dial_timeout),
+        sec.pool(cfg.dial_timeout),
     );
+    // Registry path and tokens, then first-registrant ownership and the
+    // policies (nsm-spec §2.6), then routing and storage.
+    let ns: Arc<dyn NsRegistry> =
+        UpdatePath::ns(Authorize::ns(registry.clone(), sec.registry.clone()), sec.tokens.clone());
+    let nse: Arc<dyn NseRegistry> = UpdatePath::nse(Authorize::nse(registry, sec.registry.clone()), sec.tokens.clone());
     let health = daemon::health_service(&[
         service_names::NETWORK_SERVICE_REGISTRY,
         service_names::NETWORK_SERVICE_ENDPOINT_REGISTRY,
@@ -102,10 +112,14 @@ pub async fn run(
     .await;
     let router = tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(NsRegistryServer(registry.clone()).into_service())
-        .add_service(NseRegistryServer(registry).into_service());
-    tracing::info!(listen_on = ?listeners.urls().iter().map(Url::as_str).collect::<Vec<_>>(), "registry serving");
-    daemon::serve(router, listeners, shutdown, Duration::from_secs(2)).await?;
+        .add_service(NsRegistryServer(ns).into_service())
+        .add_service(NseRegistryServer(nse).into_service());
+    tracing::info!(
+        listen_on = ?listeners.urls().iter().map(Url::as_str).collect::<Vec<_>>(),
+        spiffe_id = sec.spiffe_id().as_deref().unwrap_or("(insecure)"),
+        "registry serving"
+    );
+    daemon::serve_with(router, listeners, sec.tls.clone(), shutdown, Duration::from_secs(2)).await?;
     Ok(())
 }
 
@@ -173,7 +187,8 @@ mod interdomain_tests {
         let cfg = Config::try_parse_from(argv).unwrap();
         let listeners = Listeners::bind(std::slice::from_ref(url)).await.unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(run(cfg, listeners, async move {
+        let sec = nsm_sdk::tools::daemon::Security::insecure(Duration::from_secs(600));
+        tokio::spawn(run(cfg, sec, listeners, async move {
             let _ = stopped.await;
         }));
         Daemon { url: url.clone(), _stop: stop }

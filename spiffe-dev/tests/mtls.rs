@@ -285,3 +285,73 @@ async fn client_refuses_a_server_it_does_not_trust() {
     assert!(err.contains(path.to_str().unwrap()), "the error names the URL: {err}");
     assert!(!accepted.await.unwrap(), "the rogue server completed a handshake");
 }
+
+/// Many clients, each with its own SVID (own key), through the real token
+/// and policy elements on both sides: every token verifies against the
+/// certificate of the connection it came on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_with_own_svids_pass_the_default_policies() {
+    use nsm_sdk::networkservice::authorize::{AuthorizeClient, AuthorizeServer};
+    use nsm_sdk::networkservice::connect::GrpcClient;
+    use nsm_sdk::networkservice::updatepath::UpdatePath;
+    use nsm_sdk::networkservice::updatetoken::UpdateToken;
+    use nsm_sdk::security::policy::PolicySet;
+    use nsm_sdk::tools::grpc::ChannelPool;
+    use nsm_sdk::tools::token::JwtTokens;
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.yaml"), CONFIG).unwrap();
+    let api = format!("unix://{}/agent.sock", dir.path().display());
+    let conf = dir.path().join("config.yaml");
+    let c =
+        Config::try_parse_from(["nsm-spiffe-dev", "--listen-on", &api, "--config", conf.to_str().unwrap()]).unwrap();
+    let auth = Authority::new(c.authority_options().unwrap()).unwrap();
+    let listeners = Listeners::bind(&c.listen_on.0).await.unwrap();
+    let (_stop_api, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(nsm_spiffe_dev::serve(auth, listeners, async move {
+        let _ = stopped.await;
+    }));
+    let server_tls = Tls::from_workload_api(&api, Duration::from_secs(10)).await.unwrap();
+    let life = Duration::from_secs(600);
+    let chain = Chain::new(vec![
+        UpdatePath::new("srv"),
+        UpdateToken::new(JwtTokens::new(server_tls.clone(), life)),
+        AuthorizeServer::new(PolicySet::server()),
+        Arc::new(Echo(Arc::new(AtomicUsize::new(0)))),
+    ]);
+    let router = tonic::transport::Server::builder().add_service(ChainServer::new(chain).into_service());
+    let url = parse_url(&format!("unix://{}/ns.sock", dir.path().display())).unwrap();
+    let listeners = Listeners::bind(std::slice::from_ref(&url)).await.unwrap();
+    let (_stop_ns, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(daemon::serve_with(
+        router,
+        listeners,
+        Some(server_tls),
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(1),
+    ));
+    let mut tasks = vec![];
+    for i in 0..30 {
+        let (api, url) = (api.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let tls = Tls::from_workload_api(&api, Duration::from_secs(10)).await.unwrap();
+            let client = Chain::new(vec![
+                UpdatePath::new(&format!("nsc{i}")),
+                AuthorizeClient::new(PolicySet::client()),
+                GrpcClient::new(
+                    ChannelPool::with_tls(Duration::from_secs(5), Some(tls.clone())),
+                    JwtTokens::new(tls, life),
+                ),
+            ]);
+            let mut ctx = Context::with_timeout(Duration::from_secs(20));
+            ctx.client_url = Some(url);
+            client.request(&mut ctx, NetworkServiceRequest::default()).await.map_err(|e| e.message().to_string())
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap();
+        assert!(r.is_ok(), "client {i}: {r:?}");
+    }
+}

@@ -11,6 +11,10 @@
 //! input has no labels.
 //!
 //! # Guarantees — [`AuthorizeServer`]
+//! - Close is checked without `tokens_expired`: connections are closed
+//!   precisely because an earlier hop's token expired (its `timeout`), and
+//!   the teardown must still reach every hop. The caller's own token must
+//!   still be valid, chained and signed by it.
 //! - With a TLS peer (`ctx.peer.cert_der`), Request and Close are checked
 //!   against the left side of the path (`segments[0..=index]`) before the
 //!   rest of the chain runs. Denied ⇒ `PermissionDenied "no sufficient
@@ -131,6 +135,8 @@ impl Owners {
 /// Server-side `authorize`.
 pub struct AuthorizeServer {
     policies: PolicySet,
+    /// For Close: the same without `tokens_expired`.
+    close_policies: PolicySet,
     owners: Arc<Mutex<Owners>>,
 }
 
@@ -138,7 +144,8 @@ impl AuthorizeServer {
     /// `authorize` with `policies` (usually [`PolicySet::server`], plus
     /// operator files).
     pub fn new(policies: PolicySet) -> Arc<AuthorizeServer> {
-        Arc::new(AuthorizeServer { policies, owners: Arc::default() })
+        let close_policies = policies.without("tokens_expired");
+        Arc::new(AuthorizeServer { policies, close_policies, owners: Arc::default() })
     }
 
     /// Connections with an owner record (for leak tests and metrics).
@@ -165,7 +172,8 @@ impl AuthorizeServer {
         let Some(cert) = &ctx.peer.cert_der else { return Ok(()) };
         let index = conn.path.as_ref().map_or(0, |p| p.index as usize);
         let input = policy_input(conn, Some(index), cert);
-        self.policies.evaluate(&input).map_err(|r| {
+        let policies = if what == "close" { &self.close_policies } else { &self.policies };
+        policies.evaluate(&input).map_err(|r| {
             let peer = peer_name(&ctx.peer);
             tracing::warn!(conn_id = %conn.id, peer = %peer, policy = r.policy(), error = %r, "{what} refused");
             r.to_status(&format!("the {what} of {peer} for connection {}", conn.id))
@@ -431,6 +439,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn close_with_an_expired_token_passes_but_not_with_a_forged_one() {
+        let f = fixture();
+        let (chain, auth) = server_chain(&f.nsmgr, PolicySet::server(), vec![]);
+        let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, "c1", None, &[]);
+        let conn = chain.request(&mut ctx, req).await.unwrap();
+        assert_eq!(auth.len(), 1);
+        // The close that a timeout sends: the earlier token has expired.
+        let close_with = |tok: String| {
+            let mut ctx = Context::default();
+            ctx.peer = peer_of(&f.nsc);
+            token::put(&mut ctx.incoming, &Token { token: tok, expires: SystemTime::now() });
+            ctx
+        };
+        let unchained = token(&f.nsc, "spiffe://test.local/elsewhere", now() + 600);
+        let e = chain.close(&mut close_with(unchained), conn.clone()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("policy tokens_chained denied the close"), "{}", e.message());
+        let forged = token(&f.pki.svid("spiffe://test.local/nsc"), &f.nsmgr.spiffe_id, now() - 5);
+        let e = chain.close(&mut close_with(forged), conn.clone()).await.unwrap_err();
+        assert!(e.message().contains("policy prev_token_signed denied"), "{}", e.message());
+        assert_eq!(auth.len(), 1, "refused closes keep the record");
+        let expired = token(&f.nsc, &f.nsmgr.spiffe_id, now() - 5);
+        chain.close(&mut close_with(expired), conn).await.unwrap();
+        assert_eq!(auth.len(), 0);
+    }
+
+    #[tokio::test]
     async fn plaintext_passes_through() {
         let f = fixture();
         let (chain, auth) = server_chain(&f.nsmgr, PolicySet::server(), vec![]);
@@ -540,6 +575,7 @@ mod tests {
             peer: ServerPeer {
                 spiffe_id: Some(nse.spiffe_id.clone()),
                 cert_der: Some(Arc::new(nse.cert_chain[0].clone())),
+                ..Default::default()
             },
             closes: Mutex::new(0),
         });

@@ -15,7 +15,9 @@
 //!   [`Begin::passing_unknown_closes`], runs the rest of the chain with the
 //!   caller's copy so kernel state from before a restart is removed). Close of a known id runs
 //!   the rest of the chain with the last connection this hop returned (a
-//!   caller may send a stale or partial copy) and then forgets the id.
+//!   caller may send a stale or partial copy) and then forgets the id —
+//!   unless the Close was refused by policy (`PermissionDenied`, nothing
+//!   torn down): then the connection stays, for its owner or its timeout.
 //! - [`EventFactory`] lets later elements schedule a Close or a refresh of the
 //!   connection (timeouts, monitors); those events are serialised with
 //!   caller-initiated ones and are dropped if the connection has been closed
@@ -186,11 +188,24 @@ impl Element for Begin {
         if slot.dead {
             return Ok(());
         }
-        slot.dead = true;
-        self.state.remove(&id, &entry);
-        let Some(last) = slot.conn.take() else { return Ok(()) };
+        let Some(last) = slot.conn.clone() else {
+            slot.dead = true;
+            self.state.remove(&id, &entry);
+            return Ok(());
+        };
         ctx.events = Some(self.factory(&id, &next, slot.generation));
-        next.close(ctx, last).await
+        let res = next.close(ctx, last).await;
+        if let Err(e) = &res
+            && e.code() == tonic::Code::PermissionDenied
+        {
+            // Refused by policy before anything was torn down: the
+            // connection stays, for its owner to close (or its timeout).
+            return res;
+        }
+        slot.dead = true;
+        slot.conn = None;
+        self.state.remove(&id, &entry);
+        res
     }
 }
 

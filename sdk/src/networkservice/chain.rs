@@ -134,6 +134,9 @@ pub struct Peer {
     /// DER of the TLS peer's leaf certificate (mTLS): tokens the peer signed
     /// are verified against it.
     pub cert_der: Option<std::sync::Arc<Vec<u8>>>,
+    /// The SVID this side presented on the connection (mTLS): tokens for
+    /// this peer are signed with it while it is valid.
+    pub local_svid: Option<std::sync::Arc<crate::security::Svid>>,
 }
 
 /// Per-call state handed through a chain: the deadline, the caller, the

@@ -107,6 +107,7 @@ impl GrpcClient {
         let peer = crate::networkservice::chain::Peer {
             spiffe_id: server.spiffe_id.clone(),
             cert_der: server.cert_der.clone(),
+            local_svid: server.local.clone(),
             ..Default::default()
         };
         let t = self.tokens.generate(&peer)?;

@@ -27,10 +27,13 @@ use nsm_api::registry::{
 use tonic::{Request, Response, Status};
 use url::Url;
 
-use crate::networkservice::chain::Context;
+use crate::networkservice::chain::{Context, Peer};
 use crate::networkservice::connect::DEFAULT_CALL_TIMEOUT;
 use crate::networkservice::server::context_of;
 use crate::tools::grpc::ChannelPool;
+use crate::tools::token::{self, SharedTokenGenerator};
+use authorize::PathSlot;
+use tonic::transport::Channel;
 
 pub mod authorize;
 pub mod client;
@@ -124,7 +127,7 @@ impl NetworkServiceRegistry for NsRegistryServer {
     type FindStream = NsStream;
 
     async fn register(&self, r: Request<NetworkService>) -> Result<Response<NetworkService>, Status> {
-        let ctx = context_of(&r);
+        let (ctx, slot) = with_path_slot(&r);
         let ns = r.into_inner();
         let name = ns.name.clone();
         let res = self.0.register(&ctx, ns).await;
@@ -132,7 +135,7 @@ impl NetworkServiceRegistry for NsRegistryServer {
             Ok(_) => tracing::debug!(ns = %name, "network service registered"),
             Err(e) => tracing::warn!(ns = %name, error = %e.message(), "network service registration failed"),
         }
-        res.map(Response::new)
+        res.map(|v| respond(v, &slot))
     }
 
     async fn find(&self, r: Request<NetworkServiceQuery>) -> Result<Response<NsStream>, Status> {
@@ -141,8 +144,8 @@ impl NetworkServiceRegistry for NsRegistryServer {
     }
 
     async fn unregister(&self, r: Request<NetworkService>) -> Result<Response<()>, Status> {
-        let ctx = context_of(&r);
-        self.0.unregister(&ctx, r.into_inner()).await.map(Response::new)
+        let (ctx, slot) = with_path_slot(&r);
+        self.0.unregister(&ctx, r.into_inner()).await.map(|v| respond(v, &slot))
     }
 }
 
@@ -151,15 +154,17 @@ impl NetworkServiceEndpointRegistry for NseRegistryServer {
     type FindStream = NseStream;
 
     async fn register(&self, r: Request<NetworkServiceEndpoint>) -> Result<Response<NetworkServiceEndpoint>, Status> {
-        let ctx = context_of(&r);
+        let (ctx, slot) = with_path_slot(&r);
         let nse = r.into_inner();
         let name = nse.name.clone();
         let res = self.0.register(&ctx, nse).await;
         match &res {
-            Ok(n) => tracing::debug!(nse = %n.name, url = %n.url, "endpoint registered"),
-            Err(e) => tracing::warn!(nse = %name, error = %e.message(), "endpoint registration failed"),
+            Ok(n) => tracing::debug!(nse = %n.name, url = %n.url, by = ?ctx.peer.spiffe_id, "endpoint registered"),
+            Err(e) => {
+                tracing::warn!(nse = %name, by = ?ctx.peer.spiffe_id, error = %e.message(), "endpoint registration failed")
+            }
         }
-        res.map(Response::new)
+        res.map(|v| respond(v, &slot))
     }
 
     async fn find(&self, r: Request<NetworkServiceEndpointQuery>) -> Result<Response<NseStream>, Status> {
@@ -168,11 +173,29 @@ impl NetworkServiceEndpointRegistry for NseRegistryServer {
     }
 
     async fn unregister(&self, r: Request<NetworkServiceEndpoint>) -> Result<Response<()>, Status> {
-        let ctx = context_of(&r);
+        let (ctx, slot) = with_path_slot(&r);
         let nse = r.into_inner();
-        tracing::debug!(nse = %nse.name, "endpoint unregistered");
-        self.0.unregister(&ctx, nse).await.map(Response::new)
+        tracing::debug!(nse = %nse.name, by = ?ctx.peer.spiffe_id, "endpoint unregistered");
+        self.0.unregister(&ctx, nse).await.map(|v| respond(v, &slot))
     }
+}
+
+/// The call's context, with a [`PathSlot`] for the updated registry path.
+fn with_path_slot<T>(r: &Request<T>) -> (Context, PathSlot) {
+    let mut ctx = context_of(r);
+    let slot = PathSlot::default();
+    ctx.ext.insert(slot.clone());
+    (ctx, slot)
+}
+
+/// The response, with the updated registry path (if the chain left one) in
+/// the `path` header, as upstream's `grpcmetadata` sends it.
+fn respond<T>(v: T, slot: &PathSlot) -> Response<T> {
+    let mut resp = Response::new(v);
+    if let Some(p) = slot.take() {
+        p.to_metadata(resp.metadata_mut());
+    }
+    resp
 }
 
 // === remote registry over gRPC ===
@@ -183,12 +206,21 @@ impl NetworkServiceEndpointRegistry for NseRegistryServer {
 pub struct RemoteRegistry {
     url: Url,
     pool: ChannelPool,
+    tokens: Option<SharedTokenGenerator>,
 }
 
 impl RemoteRegistry {
     /// A registry at `url`, dialed through `pool`.
     pub fn new(url: Url, pool: ChannelPool) -> RemoteRegistry {
-        RemoteRegistry { url, pool }
+        RemoteRegistry { url, pool, tokens: None }
+    }
+
+    /// Sends this hop's per-RPC token (`nsm-client-token`, audience: the
+    /// registry's SPIFFE ID) on every call, as upstream's registry clients
+    /// do; registries that authorize need it.
+    pub fn with_tokens(mut self, tokens: SharedTokenGenerator) -> RemoteRegistry {
+        self.tokens = Some(tokens);
+        self
     }
 
     /// Where this registry lives.
@@ -196,7 +228,10 @@ impl RemoteRegistry {
         &self.url
     }
 
-    fn req<T>(&self, ctx: &Context, msg: T, streaming: bool) -> Request<T> {
+    /// A channel to the registry and the call on it: deadline, registry
+    /// path and token.
+    async fn req<T>(&self, ctx: &Context, msg: T, streaming: bool) -> Result<(Channel, Request<T>), Status> {
+        let (ch, server) = self.pool.get_with_peer(&self.url).await?;
         let mut r = Request::new(msg);
         if !streaming {
             r.set_timeout(ctx.remaining().unwrap_or(DEFAULT_CALL_TIMEOUT));
@@ -204,7 +239,16 @@ impl RemoteRegistry {
             // `authorize::UpdatePath` left in the context, if any.
             authorize::forward_path(ctx, r.metadata_mut());
         }
-        r
+        if let Some(t) = &self.tokens {
+            let peer = Peer {
+                spiffe_id: server.spiffe_id.clone(),
+                cert_der: server.cert_der.clone(),
+                local_svid: server.local.clone(),
+                ..Default::default()
+            };
+            token::put(r.metadata_mut(), &t.generate(&peer)?);
+        }
+        Ok((ch, r))
     }
 
     fn err(&self, e: Status) -> Status {
@@ -234,20 +278,17 @@ fn bounded<T: Send + 'static>(
 #[async_trait]
 impl NsRegistry for RemoteRegistry {
     async fn register(&self, ctx: &Context, ns: NetworkService) -> Result<NetworkService, Status> {
-        let ch = self.pool.get(&self.url).await?;
-        let r = self.req(ctx, ns, false);
+        let (ch, r) = self.req(ctx, ns, false).await?;
         Ok(NetworkServiceRegistryClient::new(ch).register(r).await.map_err(|e| self.err(e))?.into_inner())
     }
     async fn find(&self, ctx: &Context, q: NetworkServiceQuery) -> Result<NsStream, Status> {
         let watch = q.watch;
-        let ch = self.pool.get(&self.url).await?;
-        let r = self.req(ctx, q, true);
+        let (ch, r) = self.req(ctx, q, true).await?;
         let s = NetworkServiceRegistryClient::new(ch).find(r).await.map_err(|e| self.err(e))?.into_inner();
         Ok(bounded(ctx, watch, s))
     }
     async fn unregister(&self, ctx: &Context, ns: NetworkService) -> Result<(), Status> {
-        let ch = self.pool.get(&self.url).await?;
-        let r = self.req(ctx, ns, false);
+        let (ch, r) = self.req(ctx, ns, false).await?;
         NetworkServiceRegistryClient::new(ch).unregister(r).await.map_err(|e| self.err(e))?;
         Ok(())
     }
@@ -256,20 +297,17 @@ impl NsRegistry for RemoteRegistry {
 #[async_trait]
 impl NseRegistry for RemoteRegistry {
     async fn register(&self, ctx: &Context, nse: NetworkServiceEndpoint) -> Result<NetworkServiceEndpoint, Status> {
-        let ch = self.pool.get(&self.url).await?;
-        let r = self.req(ctx, nse, false);
+        let (ch, r) = self.req(ctx, nse, false).await?;
         Ok(NetworkServiceEndpointRegistryClient::new(ch).register(r).await.map_err(|e| self.err(e))?.into_inner())
     }
     async fn find(&self, ctx: &Context, q: NetworkServiceEndpointQuery) -> Result<NseStream, Status> {
         let watch = q.watch;
-        let ch = self.pool.get(&self.url).await?;
-        let r = self.req(ctx, q, true);
+        let (ch, r) = self.req(ctx, q, true).await?;
         let s = NetworkServiceEndpointRegistryClient::new(ch).find(r).await.map_err(|e| self.err(e))?.into_inner();
         Ok(bounded(ctx, watch, s))
     }
     async fn unregister(&self, ctx: &Context, nse: NetworkServiceEndpoint) -> Result<(), Status> {
-        let ch = self.pool.get(&self.url).await?;
-        let r = self.req(ctx, nse, false);
+        let (ch, r) = self.req(ctx, nse, false).await?;
         NetworkServiceEndpointRegistryClient::new(ch).unregister(r).await.map_err(|e| self.err(e))?;
         Ok(())
     }

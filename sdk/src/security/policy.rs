@@ -216,6 +216,11 @@ impl PolicySet {
         Ok(self)
     }
 
+    /// The same set without the policy named `name`.
+    pub fn without(&self, name: &str) -> PolicySet {
+        PolicySet { policies: self.policies.iter().filter(|p| p.name != name).cloned().collect() }
+    }
+
     /// Policy names, in evaluation order.
     pub fn names(&self) -> Vec<&str> {
         self.policies.iter().map(|p| p.name.as_str()).collect()

@@ -1,11 +1,15 @@
 //! What every daemon's `main` does: wait for SIGTERM/SIGINT, serve a tonic
 //! router on bound listeners with grpc health, and parse durations.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::transport::server::Router;
 
-use super::grpc::Listeners;
+use super::grpc::{ChannelPool, Listeners};
+use super::token::{ExpiryOnly, JwtTokens, SharedTokenGenerator};
+use crate::security::policy::PolicySet;
+use crate::security::tls::Tls;
 
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
@@ -94,28 +98,134 @@ pub struct CommonArgs {
     /// Log format: `text` or `json`.
     #[arg(long, env = "NSM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
-    /// Serve and dial plaintext gRPC. TLS with SPIFFE identities is not
-    /// implemented yet, so this is the only mode for now and defaults to
-    /// true; it will default to false once identity lands.
-    #[arg(long, env = "NSM_INSECURE", default_value_t = true, action = clap::ArgAction::Set)]
+    /// Plaintext gRPC: no TLS, no SPIFFE identities, unsigned tokens, no
+    /// policy checks. For debugging only (a warning is logged); every
+    /// component of a mesh must agree on it.
+    #[arg(long, env = "NSM_INSECURE", default_value_t = false, action = clap::ArgAction::Set)]
     pub insecure: bool,
+    /// The SPIFFE Workload API (the SPIRE agent's socket; `nsm-spiffe-dev`
+    /// in the lab) this component gets its X.509-SVID from.
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = "unix:///run/spire/sockets/agent.sock")]
+    pub spiffe_endpoint_socket: String,
+    /// How long to wait at start for the first SVID (the agent may still be
+    /// starting); a refusal (no identity for this process) fails at once.
+    #[arg(long, env = "NSM_SVID_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub svid_timeout: Duration,
+    /// Extra Rego policy files (comma-separated paths, `package nsm`,
+    /// defining `valid`), evaluated after the default policies on every
+    /// NetworkService Request and Close this component serves.
+    #[arg(long, env = "NSM_POLICY_FILES", value_delimiter = ',')]
+    pub policy_files: Vec<std::path::PathBuf>,
 }
 
 impl CommonArgs {
-    /// Initialises logging and checks the transport mode; on error prints
-    /// `<prog>: <reason>` and exits 64 (usage error), as `main` would.
+    /// Initialises logging; on error prints `<prog>: <reason>` and exits 64
+    /// (usage error), as `main` would.
     pub fn init_or_exit(&self, prog: &str) {
         if let Err(e) = super::log::init(&self.log_level, self.log_format == "json") {
             eprintln!("{prog}: {e}");
             std::process::exit(64);
         }
-        if !self.insecure {
-            eprintln!(
-                "{prog}: TLS with SPIFFE identities is not implemented yet; run with NSM_INSECURE=true (the default)"
+    }
+
+    /// Sets up identity, tokens and policies ([`Security`]): with TLS unless
+    /// `NSM_INSECURE`. Errors name what is wrong (the Workload API socket,
+    /// a policy file).
+    pub async fn security(&self, max_token_lifetime: Duration) -> Result<Security, SecurityError> {
+        // Loaded (and compiled) even in insecure mode: a broken file is a
+        // configuration error either way.
+        let server =
+            PolicySet::server().with_files(&self.policy_files).map_err(|e| SecurityError::Policy(e.to_string()))?;
+        if self.insecure {
+            tracing::warn!(
+                "NSM_INSECURE=true: plaintext gRPC, no SPIFFE identities, unsigned tokens, no policy checks on this component's hops"
             );
-            std::process::exit(64);
+            if !self.policy_files.is_empty() {
+                tracing::warn!(files = ?self.policy_files, "NSM_POLICY_FILES are not evaluated in insecure mode (no peer identities)");
+            }
+            return Ok(Security::insecure(max_token_lifetime));
         }
-        tracing::warn!("plaintext gRPC (NSM_INSECURE=true): no TLS, no SPIFFE identities on this component's hops");
+        let tls = Tls::from_workload_api(&self.spiffe_endpoint_socket, self.svid_timeout)
+            .await
+            .map_err(|e| SecurityError::Tls(e.to_string()))?;
+        let tokens: SharedTokenGenerator = JwtTokens::new(tls.clone(), max_token_lifetime);
+        tracing::info!(
+            spiffe_id = %tls.spiffe_id().unwrap_or_default(),
+            policies = ?server.names(),
+            "mutual TLS with SPIFFE identities; ES256 tokens; policies"
+        );
+        Ok(Security { tls: Some(tls), tokens, server, client: PolicySet::client(), registry: PolicySet::registry() })
+    }
+
+    /// [`CommonArgs::security`], or print `<prog>: <reason>` and exit (64
+    /// for a bad policy file, 1 when no SVID could be had).
+    pub async fn security_or_exit(&self, prog: &str, max_token_lifetime: Duration) -> Security {
+        match self.security(max_token_lifetime).await {
+            Ok(s) => s,
+            Err(e @ SecurityError::Policy(_)) => {
+                eprintln!("{prog}: {e}");
+                std::process::exit(64)
+            }
+            Err(e) => exit_with(prog, e),
+        }
+    }
+}
+
+/// Why [`CommonArgs::security`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    #[error("{0} (or set NSM_INSECURE=true to run without identities)")]
+    Tls(String),
+    #[error("NSM_POLICY_FILES: {0}")]
+    Policy(String),
+}
+
+/// A component's identity, token minting and policies.
+///
+/// - `tls`: the live SVID source and TLS configurations (None: plaintext).
+/// - `tokens`: ES256 JWTs signed with the SVID ([`JwtTokens`]), or
+///   expiry-only tokens in plaintext mode.
+/// - `server` / `client` / `registry`: the policy sets of the authorize
+///   elements (upstream's defaults, plus `NSM_POLICY_FILES` on the server
+///   side). Without TLS the authorize elements let everything pass.
+#[derive(Clone)]
+pub struct Security {
+    pub tls: Option<Arc<Tls>>,
+    pub tokens: SharedTokenGenerator,
+    pub server: PolicySet,
+    pub client: PolicySet,
+    pub registry: PolicySet,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field("spiffe_id", &self.spiffe_id())
+            .field("server", &self.server.names())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Security {
+    /// Plaintext mode.
+    pub fn insecure(max_token_lifetime: Duration) -> Security {
+        Security {
+            tls: None,
+            tokens: ExpiryOnly::new(max_token_lifetime),
+            server: PolicySet::server(),
+            client: PolicySet::client(),
+            registry: PolicySet::registry(),
+        }
+    }
+
+    /// A channel pool dialing with this identity.
+    pub fn pool(&self, dial_timeout: Duration) -> ChannelPool {
+        ChannelPool::with_tls(dial_timeout, self.tls.clone())
+    }
+
+    /// Our SPIFFE ID (None in plaintext mode).
+    pub fn spiffe_id(&self) -> Option<String> {
+        self.tls.as_ref().and_then(|t| t.spiffe_id())
     }
 }
 

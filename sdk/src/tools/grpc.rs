@@ -24,6 +24,7 @@ use tonic::transport::{Channel, Endpoint};
 use url::Url;
 
 use crate::networkservice::chain::Peer;
+use crate::security::SvidSource;
 use crate::security::tls::{PeerIdentity, Tls, peer_identity};
 
 /// Errors of URL parsing and socket setup; they name the URL or path.
@@ -295,12 +296,14 @@ impl Listeners {
                         }
                     }
                     Some(t) => {
-                        let (acceptor, tx) = (t.acceptor(), tx.clone());
+                        let (t, tx) = (t.clone(), tx.clone());
                         tokio::spawn(async move {
+                            t.ready().await;
+                            let (acceptor, local) = t.acceptor();
                             let who = io.connect_info().peer;
                             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
-                                Ok(Ok(s)) => {
-                                    let _ = tx.send(Ok(Conn::Tls(Box::new(s)))).await;
+                                Ok(Ok(stream)) => {
+                                    let _ = tx.send(Ok(Conn::Tls(Box::new(TlsConn { stream, local })))).await;
                                 }
                                 Ok(Err(e)) => tracing::warn!(
                                     peer_pid = ?who.pid,
@@ -325,7 +328,34 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// An accepted connection: plaintext, or TLS over it.
 pub enum Conn {
     Plain(Io),
-    Tls(Box<tokio_rustls::server::TlsStream<Io>>),
+    Tls(Box<TlsConn>),
+}
+
+/// An accepted TLS connection and the SVID this side presented on it (as
+/// read right after the handshake): tokens minted for this peer are signed
+/// with that SVID, so they verify against the certificate the peer saw
+/// even after our SVID rotated.
+pub struct TlsConn {
+    pub stream: tokio_rustls::server::TlsStream<Io>,
+    pub local: Option<Arc<crate::security::Svid>>,
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut TaskCx<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut TaskCx<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
 }
 
 impl Connected for Conn {
@@ -333,12 +363,13 @@ impl Connected for Conn {
     fn connect_info(&self) -> ConnInfo {
         match self {
             Conn::Plain(io) => io.connect_info(),
-            Conn::Tls(s) => {
-                let (io, session) = s.get_ref();
+            Conn::Tls(t) => {
+                let (io, session) = t.stream.get_ref();
                 let mut ci = io.connect_info();
                 let id = peer_identity(session.peer_certificates());
                 ci.peer.spiffe_id = id.spiffe_id;
                 ci.peer.cert_der = id.cert_der;
+                ci.peer.local_svid = t.local.clone();
                 ci
             }
         }
@@ -433,7 +464,7 @@ async fn connect_raw(u: &Url) -> std::io::Result<Io> {
 /// handshake (our SVID not trusted there, or theirs not trusted here), a
 /// peer that does not speak TLS.
 pub async fn dial_with(u: &Url, timeout: Duration, tls: Option<&Arc<Tls>>) -> Result<(Channel, ServerPeerCell), Error> {
-    dial_connector(u, timeout, tls.map(|t| t.connector())).await
+    dial_inner(u, timeout, tls.map(|t| Handshake::Svid(t.clone())).unwrap_or(Handshake::Plain)).await
 }
 
 /// [`dial_with`] with any rustls client configuration (tests use it to
@@ -443,31 +474,64 @@ pub async fn dial_connector(
     timeout: Duration,
     connector: Option<tokio_rustls::TlsConnector>,
 ) -> Result<(Channel, ServerPeerCell), Error> {
+    dial_inner(u, timeout, connector.map(Handshake::Static).unwrap_or(Handshake::Plain)).await
+}
+
+/// How a dial secures its connections.
+#[derive(Clone)]
+enum Handshake {
+    Plain,
+    /// A fixed rustls configuration (tests).
+    Static(tokio_rustls::TlsConnector),
+    /// The current SVID of a live source, read per connection.
+    Svid(Arc<Tls>),
+}
+
+async fn dial_inner(u: &Url, timeout: Duration, how: Handshake) -> Result<(Channel, ServerPeerCell), Error> {
     let derr = |reason: String| Error::Dial { url: u.to_string(), reason };
     if !matches!(u.scheme(), "unix" | "tcp") {
         return Err(derr(format!("unsupported scheme {:?}", u.scheme())));
     }
     let peer: ServerPeerCell = Arc::default();
     let handshake = {
-        let (u, connector, peer) = (u.clone(), connector.clone(), peer.clone());
+        let (u, how, peer) = (u.clone(), how.clone(), peer.clone());
         move || {
-            let (u, connector, peer) = (u.clone(), connector.clone(), peer.clone());
+            let (u, how, peer) = (u.clone(), how.clone(), peer.clone());
             async move {
-                let io = connect_raw(&u).await?;
-                let conn = match connector {
-                    None => ClientConn::Plain(io),
-                    Some(c) => {
-                        // SPIFFE peers are identified by URI SAN, not by
-                        // server name; any valid name will do.
-                        let name = rustls::pki_types::ServerName::try_from("nsm.invalid")
-                            .map_err(|e| std::io::Error::other(e.to_string()))?;
-                        let s = c.connect(name, io).await?;
-                        *peer.lock().unwrap_or_else(|e| e.into_inner()) =
-                            peer_identity(s.get_ref().1.peer_certificates());
-                        ClientConn::Tls(Box::new(s))
+                // SPIFFE peers are identified by URI SAN, not by server
+                // name; any valid name will do.
+                let name = rustls::pki_types::ServerName::try_from("nsm.invalid")
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                // Right after an SVID or bundle update either side may
+                // refuse handshakes for a few milliseconds (spiffe-rustls
+                // converting the new material): a refused handshake is tried
+                // twice more; a real refusal fails the same way each time.
+                let mut attempt = 0;
+                let (s, local) = loop {
+                    attempt += 1;
+                    let io = connect_raw(&u).await?;
+                    let (c, local) = match &how {
+                        Handshake::Plain => return Ok(TokioIo::new(ClientConn::Plain(io))),
+                        Handshake::Static(c) => (c.clone(), None),
+                        // Presents exactly the SVID it returns.
+                        Handshake::Svid(t) => {
+                            t.ready().await;
+                            t.connector()
+                        }
+                    };
+                    match c.connect(name.clone(), io).await {
+                        Ok(s) => break (s, local),
+                        Err(e) if attempt < 3 && matches!(how, Handshake::Svid(_)) => {
+                            tracing::debug!(url = %u, error = %e, attempt, "TLS handshake failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(25)).await;
+                        }
+                        Err(e) => return Err(e),
                     }
                 };
-                Ok::<_, std::io::Error>(TokioIo::new(conn))
+                let mut id = peer_identity(s.get_ref().1.peer_certificates());
+                id.local = local;
+                *peer.lock().unwrap_or_else(|e| e.into_inner()) = id;
+                Ok::<_, std::io::Error>(TokioIo::new(ClientConn::Tls(Box::new(s))))
             }
         }
     };
@@ -528,16 +592,34 @@ impl ChannelPool {
     }
 
     /// A channel to `u` and who it reached (for client-side policy).
+    ///
+    /// With TLS, a channel is redialed (new handshake) once our SVID has
+    /// rotated since it was dialed, or once the server's certificate is past
+    /// half its lifetime (when SPIRE rotates it), so both sides' tokens keep
+    /// verifying against the certificates of the connection they travel on.
+    /// Calls in flight on the old channel finish on it.
     pub async fn get_with_peer(&self, u: &Url) -> Result<(Channel, PeerIdentity), Status> {
         if let Some((c, p)) = self.chans.lock().unwrap_or_else(|e| e.into_inner()).get(u.as_str()) {
             let peer = p.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            return Ok((c.clone(), peer));
+            if !self.stale(&peer) {
+                return Ok((c.clone(), peer));
+            }
+            tracing::debug!(url = %u, server = ?peer.spiffe_id, "SVID rotated: redialing for a fresh TLS handshake");
         }
         let (c, p) =
             dial_with(u, self.dial_timeout, self.tls.as_ref()).await.map_err(|e| Status::unavailable(e.to_string()))?;
         let peer = p.lock().unwrap_or_else(|e| e.into_inner()).clone();
         self.chans.lock().unwrap_or_else(|e| e.into_inner()).insert(u.to_string(), (c.clone(), p));
         Ok((c, peer))
+    }
+
+    fn stale(&self, peer: &PeerIdentity) -> bool {
+        let Some(tls) = &self.tls else { return false };
+        let ours_rotated = match (&peer.local, tls.svid()) {
+            (Some(dialed), Some(now)) => !Arc::ptr_eq(dialed, &now),
+            _ => false,
+        };
+        ours_rotated || peer.half_life.is_some_and(|h| std::time::SystemTime::now() >= h)
     }
 
     /// Forgets a channel after a transport failure, so the next call redials.

@@ -119,11 +119,17 @@ fn unix_secs(t: SystemTime) -> i64 {
 
 impl TokenGenerator for JwtTokens {
     fn generate(&self, peer: &Peer) -> Result<Token, tonic::Status> {
-        let svid = self
-            .svids
-            .svid()
-            .ok_or_else(|| tonic::Status::unavailable("no SVID from the Workload API yet: cannot mint a token"))?;
         let now = SystemTime::now();
+        // Sign with the SVID the peer saw on this connection while it is
+        // valid (the peer verifies against that certificate); else the
+        // current one.
+        let svid = match peer.local_svid.clone().filter(|s| s.not_after > now) {
+            Some(s) => s,
+            None => self
+                .svids
+                .svid()
+                .ok_or_else(|| tonic::Status::unavailable("no SVID from the Workload API yet: cannot mint a token"))?,
+        };
         if svid.not_after <= now {
             return Err(tonic::Status::unavailable(format!(
                 "own SVID {} expired at {}: cannot mint a token",
