@@ -187,6 +187,24 @@ pub async fn run(lab: &mut Lab, opts: &DemoOpts) -> anyhow::Result<()> {
         crate::say!("         address   {} -> {}", s.src_ips.join(", "), s.dst_ips.join(", "));
         crate::say!("         setup     {:.1} ms", s.setup_ms);
     }
+    if lab.tls().is_some() {
+        // The cross-cluster WireGuard connection: whose token each hop sent.
+        let (s, _) = &rows[2];
+        crate::say!();
+        crate::say!(
+            "Identities along {} ({}): mutual TLS on every hop, SVIDs from nsm-spiffe-dev, trust domains {} and {} (federated); each hop's token is ES256-signed with its SVID and checked by the next hop's policies",
+            s.interface,
+            s.network_service,
+            crate::spire::trust_domain(1),
+            crate::spire::trust_domain(2)
+        );
+        for (name, id) in s.path.iter().zip(&s.spiffe_ids) {
+            crate::say!("  {name:<16} {id}");
+        }
+    } else {
+        crate::say!();
+        crate::say!("Identities: none (plaintext lab, NSM_INSECURE=true)");
+    }
     if let Ok(o) = lab.exec(&client_node.netns, &["wg", "show", "all", "endpoints"], Duration::from_secs(5))
         && o.status.success()
     {

@@ -70,6 +70,8 @@ pub struct NodeOpts {
     pub log_level: String,
     /// Extra environment of every forwarder (`NSM_ORPHAN_GRACE`, ...).
     pub forwarder_env: Vec<(String, String)>,
+    /// Extra environment of every nsmgr (`NSM_POLICY_FILES`, ...).
+    pub nsmgr_env: Vec<(String, String)>,
     /// Plaintext gRPC, no identities (`NSM_INSECURE=true` everywhere).
     /// Default: mutual TLS with SVIDs from the lab's dev Workload API.
     pub insecure: bool,
@@ -85,6 +87,7 @@ impl Default for NodeOpts {
             max_token_lifetime: "10m".into(),
             log_level: "INFO".into(),
             forwarder_env: vec![],
+            nsmgr_env: vec![],
             insecure: false,
             svid_ttl: "1h".into(),
         }
@@ -110,6 +113,9 @@ pub struct NscSummary {
     pub dst_ips: Vec<String>,
     pub nse: String,
     pub path: Vec<String>,
+    /// Who signed each segment's token (empty strings in a plaintext lab).
+    #[serde(default)]
+    pub spiffe_ids: Vec<String>,
     pub setup_ms: f64,
     #[serde(default)]
     pub adopted: bool,
@@ -201,6 +207,7 @@ pub async fn start_node_in(lab: &mut Lab, netns: &str, spec: &NodeSpec, opts: &N
         ("NSM_LOG_LEVEL", ll.clone()),
     ];
     env.extend(id_env.iter().cloned());
+    env.extend(opts.nsmgr_env.iter().map(|(k, v)| (k.as_str(), v.clone())));
     lab.spawn(&node.nsmgr_name, netns, "nsmgr", &env)?;
     start_forwarder(lab, &node, opts).await?;
     Ok(node)

@@ -150,6 +150,7 @@ async fn cross_cluster_wireguard_and_vxlan_then_close() {
         dst_ips: vec![],
         nse: nse.into(),
         path: vec![],
+        spiffe_ids: vec![],
         setup_ms: 0.0,
         adopted: false,
     };

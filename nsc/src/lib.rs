@@ -252,6 +252,7 @@ impl Client {
     async fn request(&self, req: NetworkServiceRequest) -> Result<Connection, Status> {
         let deadline = Instant::now() + self.cfg.request_timeout;
         let mut last_logged = None::<String>;
+        let mut last_transient = None::<Status>;
         loop {
             let mut ctx = Context::with_timeout(deadline.saturating_duration_since(Instant::now()));
             ctx.client_url = Some(self.cfg.connect_to.clone());
@@ -262,7 +263,13 @@ impl Client {
                         tracing::warn!(error = %e.message(), "request failed, retrying until NSM_REQUEST_TIMEOUT");
                         last_logged = Some(e.message().to_string());
                     }
+                    last_transient = Some(e);
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                // A retry cut short by our own deadline says less than the
+                // failure that made us retry.
+                Err(e) if matches!(e.code(), tonic::Code::Cancelled | tonic::Code::DeadlineExceeded) => {
+                    return Err(last_transient.unwrap_or(e));
                 }
                 Err(e) => return Err(e),
             }

@@ -125,7 +125,17 @@ impl GrpcClient {
         if e.code() == tonic::Code::Unavailable {
             self.pool.evict(url);
         }
-        Status::new(e.code(), format!("{url}: {}", e.message()))
+        // A plaintext client talking to a TLS server gets a transport-level
+        // error (which one depends on timing).
+        const TRANSPORT: [&str; 5] =
+            ["h2 protocol error", "operation was canceled", "connection reset", "broken pipe", "transport error"];
+        let hint = if self.pool.tls().is_none() && TRANSPORT.iter().any(|t| e.message().contains(t)) {
+            self.pool.evict(url);
+            " (this client runs with NSM_INSECURE=true: does the server require mutual TLS?)"
+        } else {
+            ""
+        };
+        Status::new(e.code(), format!("{url}: {}{hint}", e.message()))
     }
 }
 

@@ -66,13 +66,29 @@ fn summary(c: &Connection) -> String {
     segs.join(" -> ")
 }
 
+/// The SPIFFE IDs that signed the path's tokens (`sub`), in path order;
+/// empty in plaintext mode (no JWTs).
+fn identities(c: &Connection) -> String {
+    let ids: Vec<String> = c
+        .path
+        .iter()
+        .flat_map(|p| p.path_segments.iter())
+        .filter_map(|s| crate::security::jwt::decode(&s.token).ok().map(|(_, c)| c.sub))
+        .collect();
+    ids.join(" -> ")
+}
+
+fn peer_of(ctx: &Context) -> String {
+    ctx.peer.spiffe_id.clone().unwrap_or_else(|| "-".to_string())
+}
+
 #[async_trait]
 impl NetworkService for ChainServer {
     async fn request(&self, r: Request<NetworkServiceRequest>) -> Result<Response<Connection>, Status> {
         let mut ctx = context_of(&r);
         let req = r.into_inner();
         let (id, svc) = req.connection.as_ref().map(|c| (c.id.clone(), c.network_service.clone())).unwrap_or_default();
-        let span = tracing::info_span!("request", conn_id = %id, service = %svc);
+        let span = tracing::info_span!("request", conn_id = %id, service = %svc, peer = %peer_of(&ctx));
         let chain = self.chain.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(
@@ -84,6 +100,7 @@ impl NetworkService for ChainServer {
                         took = ?t0.elapsed(),
                         nse = %c.network_service_endpoint_name,
                         path = %summary(c),
+                        ids = %identities(c),
                         "request ok"
                     ),
                     Err(e) => {
@@ -106,7 +123,8 @@ impl NetworkService for ChainServer {
     async fn close(&self, r: Request<Connection>) -> Result<Response<()>, Status> {
         let mut ctx = context_of(&r);
         let conn = r.into_inner();
-        let span = tracing::info_span!("close", conn_id = %conn.id, service = %conn.network_service);
+        let span =
+            tracing::info_span!("close", conn_id = %conn.id, service = %conn.network_service, peer = %peer_of(&ctx));
         let chain = self.chain.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(

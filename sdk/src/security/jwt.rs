@@ -68,7 +68,7 @@ pub enum JwtError {
 }
 
 /// The registered claims NSM uses.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     /// SPIFFE ID of the signer.
     #[serde(default)]

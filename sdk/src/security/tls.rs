@@ -257,6 +257,13 @@ impl Tls {
         };
         let certs = svid.cert_chain.iter().map(|c| CertificateDer::from(c.clone())).collect();
         let key = Arc::new(CertifiedKey::new(certs, signer));
+        if cache.is_some() {
+            tracing::info!(
+                spiffe_id = %svid.spiffe_id,
+                not_after = %humantime::format_rfc3339_seconds(svid.not_after),
+                "SVID rotated: new handshakes and tokens use the new one"
+            );
+        }
         *cache = Some(Current { src: x, svid: svid.clone(), key: key.clone() });
         Some((svid, key))
     }

@@ -305,6 +305,15 @@ impl Listeners {
                                 Ok(Ok(stream)) => {
                                     let _ = tx.send(Ok(Conn::Tls(Box::new(TlsConn { stream, local })))).await;
                                 }
+                                // A peer hanging up mid-handshake (it retries
+                                // after its own SVID changed, or gave up on
+                                // ours and says so in its own log) is no
+                                // verdict of ours.
+                                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => tracing::info!(
+                                    peer_pid = ?who.pid,
+                                    peer_addr = ?who.addr,
+                                    "the peer hung up during the TLS handshake"
+                                ),
                                 Ok(Err(e)) => tracing::warn!(
                                     peer_pid = ?who.pid,
                                     peer_addr = ?who.addr,
