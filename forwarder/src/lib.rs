@@ -206,7 +206,8 @@ pub fn chain(cfg: &Config, sec: &Security, remote: Option<Arc<remote::Remote>>, 
     let pool = sec.pool(cfg.dial_timeout);
     let registry = RemoteRegistry::new(cfg.connect_to.clone(), pool.clone()).with_tokens(sec.tokens.clone());
     let tokens = sec.tokens.clone();
-    let monitor = MonitorServer::new();
+    let authorize = AuthorizeServer::new(sec.server.clone());
+    let monitor = sec.monitor();
     // Closes of connections from before a restart still reach localkernel,
     // which removes the interfaces by their alias.
     let begin = Begin::passing_unknown_closes();
@@ -225,7 +226,7 @@ pub fn chain(cfg: &Config, sec: &Security, remote: Option<Arc<remote::Remote>>, 
         metadata.clone(),
         UpdateToken::new(tokens),
         // The caller's tokens: valid, unexpired, chained, signed by it.
-        AuthorizeServer::new(sec.server.clone()),
+        authorize,
         Timeout::new(cfg.max_token_lifetime),
         monitor.element(),
         TrimPath::server(),

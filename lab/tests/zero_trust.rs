@@ -345,3 +345,28 @@ fn daemons_explain_missing_identity_and_bad_policy_files() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/x.rego"));
     assert!(!sock.exists(), "nothing left behind");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_monitor_scope_own_a_peer_sees_only_its_own_connections() {
+    let mut lab = mesh::test_lab("monown");
+    let opts = NodeOpts { nsmgr_env: vec![("NSM_MONITOR_SCOPE".into(), "own".into())], ..Default::default() };
+    let node = mesh::start_node(&mut lab, "node1", &opts).await.unwrap();
+    mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.65.0/31", &[]).await.unwrap();
+    let pod = lab.add_netns("pod").unwrap();
+    let run = nsc_init(&lab, &node, &pod, "nsc", "kernel://icmp-responder/nsm-1", &[]).unwrap();
+    assert!(run.ok, "{}", run.stderr);
+    // The lab is another identity: the nsmgr shows it nothing; the
+    // forwarder (default scope `all`) shows it the connection.
+    assert!(connections(&lab, &node.nsmgr_url).await.unwrap().is_empty());
+    assert_eq!(connections(&lab, &node.forwarder_url).await.unwrap().len(), 1);
+    // The client's sidecar (the init container's identity) finds and adopts it.
+    mesh::spawn_nsc_sidecar(&mut lab, "sidecar", &node, &pod, "nsc", "kernel://icmp-responder/nsm-1", &[]).unwrap();
+    let t0 = Instant::now();
+    while !lab.log_tail("sidecar", 50).contains("adopting") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no adoption: {}", lab.log_tail("sidecar", 20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    lab.stop("sidecar", Duration::from_secs(5)).unwrap();
+    assert!(links(&lab, &pod).unwrap().is_empty());
+    assert!(connections(&lab, &node.forwarder_url).await.unwrap().is_empty());
+}

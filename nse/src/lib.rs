@@ -155,7 +155,8 @@ pub struct Handles {
 /// Builds the endpoint chain.
 pub fn chain(cfg: &Config, sec: &Security) -> anyhow::Result<(Chain, Handles)> {
     let tokens = sec.tokens.clone();
-    let monitor = MonitorServer::new();
+    let authorize = AuthorizeServer::new(sec.server.clone());
+    let monitor = sec.monitor();
     let begin = Begin::new();
     let ipam = Point2PointIpam::new(&cfg.cidr_prefix)?;
     let elems: Vec<Arc<dyn Element>> = vec![
@@ -165,7 +166,7 @@ pub fn chain(cfg: &Config, sec: &Security) -> anyhow::Result<(Chain, Handles)> {
         UpdateToken::new(tokens),
         // The caller's tokens: valid, unexpired, chained, signed by it (plus
         // NSM_POLICY_FILES).
-        AuthorizeServer::new(sec.server.clone()),
+        authorize,
         Timeout::new(cfg.max_token_lifetime),
         monitor.element(),
         TrimPath::server(),

@@ -175,7 +175,7 @@ pub fn build(cfg: &Config, sec: &Security, public: &Url) -> anyhow::Result<(Rout
 
     let tokens = sec.tokens.clone();
     let authorize = AuthorizeServer::new(sec.server.clone());
-    let monitor = MonitorServer::new();
+    let monitor = sec.monitor();
     let begin = Begin::new();
     let metadata = Metadata::new();
     let client = Chain::new(vec![

@@ -1,6 +1,6 @@
 //! `authorize`: policy checks of the token path (`sdk:pkg/networkservice/
-//! common/authorize`), server and client side, and the bookkeeping that
-//! lets a monitor show a caller only its own connections.
+//! common/authorize`), server and client side, and which connections a
+//! monitor subscriber may see.
 //!
 //! # Policy input
 //! As upstream: `{"index": n, "path_segments": [{"name","id","token",
@@ -22,12 +22,10 @@
 //!   Nothing after this element runs in either case.
 //! - Without a TLS peer (plaintext / insecure mode, and events `begin`
 //!   starts itself, e.g. timeout closes) the call passes unchecked.
-//! - After a successful Request it records `peer SPIFFE ID → caller's
-//!   connection id` (the id of `segments[index-1]`, as upstream) for
-//!   [`AuthorizeMonitor`]. The record is released on Close (whatever the
-//!   rest of the chain answers) and never made for a failed first Request,
-//!   so the tables stay bounded by the live connections (upstream leaked on
-//!   failed Requests). A refresh from another peer moves the record.
+//! - It keeps no per-connection state: what upstream records per
+//!   connection for its monitor policy (and leaked on failed Requests) is
+//!   read here from the tokens in the connection's own path
+//!   ([`AuthorizeMonitor`]), so there is nothing to release or leak.
 //!
 //! # Guarantees — [`AuthorizeClient`]
 //! - After the rest of the client chain returns, the full returned path is
@@ -46,8 +44,7 @@
 //! builds state. Client: near the end of the client chain (before the
 //! `connect`/gRPC tail), after `metadata` (refresh detection needs it).
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use nsm_api::connection::{Connection, State};
@@ -99,45 +96,11 @@ fn peer_name(peer: &Peer) -> String {
     peer.spiffe_id.clone().unwrap_or_else(|| "an unidentified TLS peer".to_string())
 }
 
-/// Who owns which connections (for monitor authorization).
-#[derive(Default)]
-struct Owners {
-    /// This hop's connection id → (peer SPIFFE ID, caller's connection id).
-    by_conn: HashMap<String, (String, String)>,
-    /// Peer SPIFFE ID → caller connection ids (each set non-empty).
-    by_peer: HashMap<String, HashSet<String>>,
-}
-
-impl Owners {
-    fn record(&mut self, conn_id: &str, peer: &str, caller_id: &str) {
-        if let Some((p, c)) = self.by_conn.get(conn_id)
-            && p == peer
-            && c == caller_id
-        {
-            return;
-        }
-        self.release(conn_id);
-        self.by_conn.insert(conn_id.to_string(), (peer.to_string(), caller_id.to_string()));
-        self.by_peer.entry(peer.to_string()).or_default().insert(caller_id.to_string());
-    }
-
-    fn release(&mut self, conn_id: &str) {
-        let Some((peer, caller_id)) = self.by_conn.remove(conn_id) else { return };
-        if let Some(set) = self.by_peer.get_mut(&peer) {
-            set.remove(&caller_id);
-            if set.is_empty() {
-                self.by_peer.remove(&peer);
-            }
-        }
-    }
-}
-
 /// Server-side `authorize`.
 pub struct AuthorizeServer {
     policies: PolicySet,
     /// For Close: the same without `tokens_expired`.
     close_policies: PolicySet,
-    owners: Arc<Mutex<Owners>>,
 }
 
 impl AuthorizeServer {
@@ -145,27 +108,7 @@ impl AuthorizeServer {
     /// operator files).
     pub fn new(policies: PolicySet) -> Arc<AuthorizeServer> {
         let close_policies = policies.without("tokens_expired");
-        Arc::new(AuthorizeServer { policies, close_policies, owners: Arc::default() })
-    }
-
-    /// Connections with an owner record (for leak tests and metrics).
-    pub fn len(&self) -> usize {
-        self.owners.lock().map(|o| o.by_conn.len()).unwrap_or(0)
-    }
-
-    /// True when nothing is recorded.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Distinct peers with at least one connection.
-    pub fn peers(&self) -> usize {
-        self.owners.lock().map(|o| o.by_peer.len()).unwrap_or(0)
-    }
-
-    /// The monitor authorizer sharing this element's ownership records.
-    pub fn monitor(&self) -> AuthorizeMonitor {
-        AuthorizeMonitor { owners: Some(self.owners.clone()) }
+        Arc::new(AuthorizeServer { policies, close_policies })
     }
 
     fn check(&self, ctx: &Context, conn: &Connection, what: &str) -> Result<(), Status> {
@@ -179,13 +122,6 @@ impl AuthorizeServer {
             r.to_status(&format!("the {what} of {peer} for connection {}", conn.id))
         })
     }
-}
-
-/// The caller's connection id: the id of `segments[index-1]`.
-fn caller_id(conn: &Connection) -> Option<String> {
-    let p = conn.path.as_ref()?;
-    let i = (p.index as usize).checked_sub(1)?;
-    p.path_segments.get(i).map(|s| s.id.clone())
 }
 
 #[async_trait]
@@ -203,29 +139,13 @@ impl Element for AuthorizeServer {
         if ctx.peer.cert_der.is_none() {
             return next.request(ctx, req).await;
         }
-        let (conn_id, caller) = {
-            let conn = conn_mut(&mut req);
-            self.check(ctx, conn, "request")?;
-            (conn.id.clone(), caller_id(conn))
-        };
-        let conn = next.request(ctx, req).await?;
-        let owner = ctx
-            .peer
-            .spiffe_id
-            .clone()
-            .or_else(|| ctx.peer.cert_der.as_ref().and_then(|c| jwt::cert_spiffe_id(c).ok().flatten()));
-        if let (Some(owner), Some(caller)) = (owner, caller) {
-            self.owners.lock().unwrap_or_else(|e| e.into_inner()).record(&conn_id, &owner, &caller);
-        }
-        Ok(conn)
+        self.check(ctx, conn_mut(&mut req), "request")?;
+        next.request(ctx, req).await
     }
 
     async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
         self.check(ctx, &conn, "close")?;
-        let id = conn.id.clone();
-        let res = next.close(ctx, conn).await;
-        self.owners.lock().unwrap_or_else(|e| e.into_inner()).release(&id);
-        res
+        next.close(ctx, conn).await
     }
 }
 
@@ -291,32 +211,33 @@ impl Element for AuthorizeClient {
 /// - [`AuthorizeMonitor::allow_all`] (upstream's default: no monitor
 ///   policies) and a subscriber without a TLS identity (plaintext) see
 ///   everything.
-/// - [`AuthorizeServer::monitor`] restricts an identified subscriber to
-///   connections it owns: one of the connection's path segment ids is a
-///   caller connection id recorded for the subscriber's SPIFFE ID.
-#[derive(Clone, Default)]
+/// - [`AuthorizeMonitor::own`] shows an identified subscriber the
+///   connections it is on: a path segment before this hop carries a token
+///   whose `sub` is the subscriber's SPIFFE ID (at the nsmgr: the client;
+///   at the forwarder: the client and the nsmgr). Read from the connection
+///   itself, so it holds from the first event to the deletion, with no
+///   state to keep or release.
+#[derive(Clone, Debug, Default)]
 pub struct AuthorizeMonitor {
-    owners: Option<Arc<Mutex<Owners>>>,
-}
-
-impl std::fmt::Debug for AuthorizeMonitor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuthorizeMonitor").field("enforcing", &self.owners.is_some()).finish()
-    }
+    own_only: bool,
 }
 
 impl AuthorizeMonitor {
     /// Every subscriber sees every connection.
     pub fn allow_all() -> AuthorizeMonitor {
-        AuthorizeMonitor { owners: None }
+        AuthorizeMonitor { own_only: false }
+    }
+
+    /// Identified subscribers see only the connections they are on.
+    pub fn own() -> AuthorizeMonitor {
+        AuthorizeMonitor { own_only: true }
     }
 
     /// May `subscriber` see `conn`?
     pub fn allows(&self, subscriber: &Peer, conn: &Connection) -> bool {
-        let (Some(owners), Some(id)) = (&self.owners, &subscriber.spiffe_id) else { return true };
-        let owners = owners.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(mine) = owners.by_peer.get(id) else { return false };
-        conn.path.as_ref().is_some_and(|p| p.path_segments.iter().any(|s| mine.contains(&s.id)))
+        let (true, Some(id)) = (self.own_only, &subscriber.spiffe_id) else { return true };
+        let Some(p) = conn.path.as_ref() else { return false };
+        p.path_segments.iter().take(p.index as usize).any(|s| jwt::decode(&s.token).is_ok_and(|(_, c)| c.sub == *id))
     }
 }
 
@@ -325,6 +246,8 @@ mod tests {
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
     use nsm_api::connection::{Path, PathSegment};
+
+    use std::sync::Mutex;
 
     use super::*;
     use crate::networkservice::begin::Begin;
@@ -352,13 +275,15 @@ mod tests {
 
     /// An nsmgr server chain as upstream orders it, with `tail` after
     /// `authorize`.
-    fn server_chain(me: &Svid, policies: PolicySet, tail: Vec<Arc<dyn Element>>) -> (Chain, Arc<AuthorizeServer>) {
+    /// Returns the chain and its `begin` (the per-connection state).
+    fn server_chain(me: &Svid, policies: PolicySet, tail: Vec<Arc<dyn Element>>) -> (Chain, Arc<Begin>) {
         let auth = AuthorizeServer::new(policies);
+        let begin = Begin::new();
         let tokgen = JwtTokens::new(Arc::new(StaticSvid(Arc::new(me.clone()))), Duration::from_secs(600));
         let mut elems: Vec<Arc<dyn Element>> =
-            vec![UpdatePath::new("nsmgr"), Begin::new(), UpdateToken::new(tokgen), auth.clone()];
+            vec![UpdatePath::new("nsmgr"), begin.clone(), UpdateToken::new(tokgen), auth];
         elems.extend(tail);
-        (Chain::new(elems), auth)
+        (Chain::new(elems), begin)
     }
 
     /// What the nsc sends: its segment, and its per-RPC token in metadata.
@@ -415,13 +340,13 @@ mod tests {
     async fn good_request_passes_and_bad_tokens_are_refused_by_the_right_policy() {
         let f = fixture();
         let log = Record::log();
-        let (chain, auth) = server_chain(&f.nsmgr, PolicySet::server(), vec![Record::new("rest", &log)]);
+        let (chain, begin) = server_chain(&f.nsmgr, PolicySet::server(), vec![Record::new("rest", &log)]);
 
         let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, "c1", None, &[]);
         let conn = chain.request(&mut ctx, req).await.unwrap();
-        assert_eq!(auth.len(), 1);
+        assert_eq!(begin.len(), 1);
         chain.close(&mut ctx, conn).await.unwrap();
-        assert_eq!(auth.len(), 0);
+        assert_eq!(begin.len(), 0);
         log.lock().unwrap().clear();
 
         let cases = [
@@ -435,16 +360,16 @@ mod tests {
             assert_denied(chain.request(&mut ctx, req).await, policy);
         }
         assert!(log.lock().unwrap().is_empty(), "nothing after authorize ran");
-        assert_eq!(auth.len(), 0);
+        assert_eq!(begin.len(), 0);
     }
 
     #[tokio::test]
     async fn close_with_an_expired_token_passes_but_not_with_a_forged_one() {
         let f = fixture();
-        let (chain, auth) = server_chain(&f.nsmgr, PolicySet::server(), vec![]);
+        let (chain, begin) = server_chain(&f.nsmgr, PolicySet::server(), vec![]);
         let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, "c1", None, &[]);
         let conn = chain.request(&mut ctx, req).await.unwrap();
-        assert_eq!(auth.len(), 1);
+        assert_eq!(begin.len(), 1);
         // The close that a timeout sends: the earlier token has expired.
         let close_with = |tok: String| {
             let mut ctx = Context::default();
@@ -459,10 +384,10 @@ mod tests {
         let forged = token(&f.pki.svid("spiffe://test.local/nsc"), &f.nsmgr.spiffe_id, now() - 5);
         let e = chain.close(&mut close_with(forged), conn.clone()).await.unwrap_err();
         assert!(e.message().contains("policy prev_token_signed denied"), "{}", e.message());
-        assert_eq!(auth.len(), 1, "refused closes keep the record");
+        assert_eq!(begin.len(), 1, "a refused close keeps the connection");
         let expired = token(&f.nsc, &f.nsmgr.spiffe_id, now() - 5);
         chain.close(&mut close_with(expired), conn).await.unwrap();
-        assert_eq!(auth.len(), 0);
+        assert_eq!(begin.len(), 0);
     }
 
     /// The nsmgr's per-connection elements with the real default policies
@@ -488,13 +413,13 @@ mod tests {
             monitor.element(),
         ]);
         let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
-        let start = (auth.len(), auth.peers(), begin.len(), metadata.len(), monitor.connections().len(), tasks());
+        let start = (begin.len(), metadata.len(), monitor.connections().len(), tasks());
         let tok = token(&f.nsc, &f.nsmgr.spiffe_id, now() + 600);
         for i in 0..10_000 {
             let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, &format!("c{i}"), Some(tok.clone()), &[]);
             let conn = chain.request(&mut ctx, req).await.unwrap();
             if i == 0 {
-                assert_eq!((auth.len(), begin.len(), metadata.len(), monitor.connections().len()), (1, 1, 1, 1));
+                assert_eq!((begin.len(), metadata.len(), monitor.connections().len()), (1, 1, 1));
             }
             chain.close(&mut ctx, conn).await.unwrap();
         }
@@ -502,18 +427,18 @@ mod tests {
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
-        let end = (auth.len(), auth.peers(), begin.len(), metadata.len(), monitor.connections().len(), tasks());
-        assert_eq!(end, start, "(policy records, peers, begin, metadata, monitor, tasks)");
+        let end = (begin.len(), metadata.len(), monitor.connections().len(), tasks());
+        assert_eq!(end, start, "(begin, metadata, monitor, tasks)");
     }
 
     #[tokio::test]
     async fn plaintext_passes_through() {
         let f = fixture();
-        let (chain, auth) = server_chain(&f.nsmgr, PolicySet::server(), vec![]);
+        let (chain, _) = server_chain(&f.nsmgr, PolicySet::server(), vec![]);
         let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, "c1", Some("garbage".into()), &[]);
         ctx.peer = Peer::default();
-        chain.request(&mut ctx, req).await.unwrap();
-        assert_eq!(auth.len(), 0, "nothing to record without an identity");
+        let conn = chain.request(&mut ctx, req).await.expect("no TLS peer: no policy check");
+        chain.close(&mut ctx, conn).await.unwrap();
     }
 
     #[tokio::test]
@@ -535,43 +460,95 @@ mod tests {
     async fn owner_table_stays_bounded() {
         let f = fixture();
         let allow = PolicySet::empty().with_source("allow.rego", "package nsm\n\nvalid := true\n").unwrap();
-        let (chain, auth) = server_chain(&f.nsmgr, allow.clone(), vec![]);
-        let start = auth.len();
+        let (chain, begin) = server_chain(&f.nsmgr, allow.clone(), vec![]);
+        let start = begin.len();
         for i in 0..10_000 {
             let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, &format!("c{i}"), Some(String::new()), &[]);
             let conn = chain.request(&mut ctx, req).await.unwrap();
             chain.close(&mut ctx, conn).await.unwrap();
         }
-        assert_eq!(auth.len(), start);
-        assert_eq!(auth.peers(), 0);
+        assert_eq!(begin.len(), start);
         // Failed first Requests (downstream error, or denied) leave nothing.
-        let (failing, auth) =
+        let (failing, begin) =
             server_chain(&f.nsmgr, allow, vec![Inject::error(tonic::Code::Unavailable, "no endpoint")]);
         for i in 0..100 {
             let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, &format!("f{i}"), Some(String::new()), &[]);
             assert!(failing.request(&mut ctx, req).await.is_err());
         }
-        assert_eq!(auth.len(), 0);
-        let (denying, auth) = server_chain(&f.nsmgr, PolicySet::server(), vec![]);
+        assert_eq!(begin.len(), 0);
+        let (denying, begin) = server_chain(&f.nsmgr, PolicySet::server(), vec![]);
         let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, "d", Some("garbage".into()), &[]);
         assert!(denying.request(&mut ctx, req).await.is_err());
-        assert_eq!(auth.len(), 0);
+        assert_eq!(begin.len(), 0);
     }
 
     #[tokio::test]
     async fn monitor_sees_only_own_connections() {
         let f = fixture();
         let other = f.pki.svid("spiffe://test.local/other-nsc");
-        let (chain, auth) = server_chain(&f.nsmgr, PolicySet::server(), vec![]);
+        let (chain, _) = server_chain(&f.nsmgr, PolicySet::server(), vec![]);
         let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, "mine", None, &[]);
-        let conn = chain.request(&mut ctx, req).await.unwrap();
-        let mon = auth.monitor();
-        assert!(mon.allows(&peer_of(&f.nsc), &conn));
+        let returned = chain.request(&mut ctx, req).await.unwrap();
+        // As the nsmgr's monitor publishes it: at the nsmgr's index.
+        let mut conn = returned.clone();
+        conn.path.as_mut().unwrap().index = 1;
+        let mon = AuthorizeMonitor::own();
+        assert!(mon.allows(&peer_of(&f.nsc), &conn), "the client is on it");
         assert!(!mon.allows(&peer_of(&other), &conn));
+        assert!(!mon.allows(&peer_of(&f.nsmgr), &conn), "this hop's own segment does not count");
         assert!(mon.allows(&Peer::default(), &conn), "plaintext subscriber");
         assert!(AuthorizeMonitor::allow_all().allows(&peer_of(&other), &conn));
-        chain.close(&mut ctx, conn.clone()).await.unwrap();
-        assert!(!mon.allows(&peer_of(&f.nsc), &conn), "released on close");
+        chain.close(&mut ctx, returned).await.unwrap();
+    }
+
+    /// Through the gRPC monitor: an owner sees its connection come and go,
+    /// even when it reads the events late; another identity sees nothing.
+    #[tokio::test]
+    async fn monitor_server_streams_own_connections_including_their_deletion() {
+        use futures::StreamExt;
+        use nsm_api::connection::monitor_connection_server::MonitorConnection;
+        use nsm_api::connection::{ConnectionEventType, MonitorScopeSelector};
+
+        use crate::networkservice::monitor::MonitorServer;
+        use crate::tools::grpc::ConnInfo;
+        let f = fixture();
+        let other = f.pki.svid("spiffe://test.local/other-nsc");
+        let auth = AuthorizeServer::new(PolicySet::server());
+        let monitor = MonitorServer::with_authorize(AuthorizeMonitor::own());
+        let tokgen = JwtTokens::new(Arc::new(StaticSvid(Arc::new(f.nsmgr.clone()))), Duration::from_secs(600));
+        let chain = Chain::new(vec![
+            UpdatePath::new("nsmgr"),
+            Begin::new(),
+            UpdateToken::new(tokgen),
+            auth.clone(),
+            monitor.element(),
+        ]);
+        let subscribe = |who: &Svid| {
+            let mut r = tonic::Request::new(MonitorScopeSelector::default());
+            r.extensions_mut().insert(ConnInfo { peer: peer_of(who) });
+            let m = monitor.clone();
+            async move { m.monitor_connections(r).await.unwrap().into_inner() }
+        };
+        let mut mine = subscribe(&f.nsc).await;
+        let mut theirs = subscribe(&other).await;
+        assert!(mine.next().await.unwrap().unwrap().connections.is_empty(), "initial state");
+        assert!(theirs.next().await.unwrap().unwrap().connections.is_empty());
+        let (mut ctx, req) = nsc_call(&f.nsc, &f.nsmgr, "c1", None, &[]);
+        let conn = chain.request(&mut ctx, req).await.unwrap();
+        chain.close(&mut ctx, conn).await.unwrap();
+        let up = tokio::time::timeout(Duration::from_secs(2), mine.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(up.r#type, ConnectionEventType::Update as i32);
+        let del = tokio::time::timeout(Duration::from_secs(2), mine.next())
+            .await
+            .expect("the deletion reaches the owner")
+            .unwrap()
+            .unwrap();
+        assert_eq!(del.r#type, ConnectionEventType::Delete as i32);
+        assert_eq!(del.connections.keys().collect::<Vec<_>>(), up.connections.keys().collect::<Vec<_>>());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), theirs.next()).await.is_err(),
+            "another identity sees nothing"
+        );
     }
 
     /// A fake next hop for the client chain: returns the path extended with

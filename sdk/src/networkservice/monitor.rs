@@ -30,7 +30,9 @@ use nsm_api::networkservice::NetworkServiceRequest;
 use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
+use super::authorize::AuthorizeMonitor;
 use super::chain::{Context, Element, Next, conn_mut};
+use crate::tools::grpc::ConnInfo;
 
 /// Events a subscriber may lag behind before it is cut off.
 pub const BACKLOG: usize = 4096;
@@ -44,12 +46,16 @@ pub struct MonitorServer {
 struct Inner {
     conns: Mutex<HashMap<String, Connection>>,
     tx: broadcast::Sender<ConnectionEvent>,
+    /// Which connections a subscriber may see.
+    authz: AuthorizeMonitor,
 }
 
 impl Default for MonitorServer {
     fn default() -> Self {
         let (tx, _) = broadcast::channel(BACKLOG);
-        MonitorServer { inner: Arc::new(Inner { conns: Mutex::new(HashMap::new()), tx }) }
+        MonitorServer {
+            inner: Arc::new(Inner { conns: Mutex::new(HashMap::new()), tx, authz: AuthorizeMonitor::allow_all() }),
+        }
     }
 }
 
@@ -57,6 +63,14 @@ impl MonitorServer {
     /// A new, empty monitor.
     pub fn new() -> MonitorServer {
         MonitorServer::default()
+    }
+
+    /// A monitor whose subscribers see only what `authz` allows them
+    /// (e.g. [`super::authorize::AuthorizeServer::monitor`]: their own
+    /// connections).
+    pub fn with_authorize(authz: AuthorizeMonitor) -> MonitorServer {
+        let (tx, _) = broadcast::channel(BACKLOG);
+        MonitorServer { inner: Arc::new(Inner { conns: Mutex::new(HashMap::new()), tx, authz }) }
     }
 
     /// The chain element that records connections into this monitor.
@@ -106,9 +120,12 @@ impl MonitorConnection for MonitorServer {
         &self,
         request: Request<MonitorScopeSelector>,
     ) -> Result<Response<Self::MonitorConnectionsStream>, Status> {
+        let peer = request.extensions().get::<ConnInfo>().map(|c| c.peer.clone()).unwrap_or_default();
         let sel = request.into_inner();
-        let (initial, rx) = self.subscribe(&sel);
-        Ok(Response::new(event_stream(initial, rx, sel)))
+        let (mut initial, rx) = self.subscribe(&sel);
+        let authz = self.inner.authz.clone();
+        initial.connections.retain(|_, c| authz.allows(&peer, c));
+        Ok(Response::new(event_stream(initial, rx, sel, move |c| authz.allows(&peer, c))))
     }
 }
 
@@ -118,16 +135,35 @@ fn event_stream(
     initial: ConnectionEvent,
     rx: broadcast::Receiver<ConnectionEvent>,
     sel: MonitorScopeSelector,
+    allowed: impl Fn(&Connection) -> bool + Send + Sync + 'static,
 ) -> EventStream {
+    // Connections this subscriber has been shown: their deletion reaches it
+    // even when the ownership that allowed them is already gone.
+    let shown: std::collections::HashSet<String> = initial.connections.keys().cloned().collect();
     let first = futures::stream::once(futures::future::ready(Ok(initial)));
-    let rest = futures::stream::unfold(Some((rx, sel)), |st| async move {
-        let (mut rx, sel) = st?;
+    let allowed = Arc::new(allowed);
+    let rest = futures::stream::unfold(Some((rx, sel, allowed, shown)), |st| async move {
+        let (mut rx, sel, allowed, mut shown) = st?;
         loop {
             match rx.recv().await {
                 Ok(mut ev) => {
-                    ev.connections.retain(|_, c| c.matches_selector(&sel));
+                    let delete = ev.r#type == ConnectionEventType::Delete as i32;
+                    ev.connections.retain(|id, c| {
+                        if !c.matches_selector(&sel) {
+                            false
+                        } else if allowed(c) {
+                            if delete {
+                                shown.remove(id);
+                            } else {
+                                shown.insert(id.clone());
+                            }
+                            true
+                        } else {
+                            delete && shown.remove(id)
+                        }
+                    });
                     if !ev.connections.is_empty() {
-                        return Some((Ok(ev), Some((rx, sel))));
+                        return Some((Ok(ev), Some((rx, sel, allowed, shown))));
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {

@@ -8,6 +8,8 @@ use tonic::transport::server::Router;
 
 use super::grpc::{ChannelPool, Listeners};
 use super::token::{ExpiryOnly, JwtTokens, SharedTokenGenerator};
+use crate::networkservice::authorize::AuthorizeMonitor;
+use crate::networkservice::monitor::MonitorServer;
 use crate::security::policy::PolicySet;
 use crate::security::tls::Tls;
 
@@ -116,6 +118,20 @@ pub struct CommonArgs {
     /// NetworkService Request and Close this component serves.
     #[arg(long, env = "NSM_POLICY_FILES", value_delimiter = ',')]
     pub policy_files: Vec<std::path::PathBuf>,
+    /// Who sees which connections on MonitorConnections (nsmgr, forwarder,
+    /// endpoints): `all` (upstream's default: every authenticated peer sees
+    /// every connection) or `own` (a peer sees only the connections it
+    /// requested itself).
+    #[arg(long, env = "NSM_MONITOR_SCOPE", value_enum, default_value = "all")]
+    pub monitor_scope: MonitorScope,
+}
+
+/// See [`CommonArgs::monitor_scope`].
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MonitorScope {
+    #[default]
+    All,
+    Own,
 }
 
 impl CommonArgs {
@@ -143,7 +159,7 @@ impl CommonArgs {
             if !self.policy_files.is_empty() {
                 tracing::warn!(files = ?self.policy_files, "NSM_POLICY_FILES are not evaluated in insecure mode (no peer identities)");
             }
-            return Ok(Security::insecure(max_token_lifetime));
+            return Ok(Security { monitor_scope: self.monitor_scope, ..Security::insecure(max_token_lifetime) });
         }
         let tls = Tls::from_workload_api(&self.spiffe_endpoint_socket, self.svid_timeout)
             .await
@@ -154,7 +170,14 @@ impl CommonArgs {
             policies = ?server.names(),
             "mutual TLS with SPIFFE identities; ES256 tokens; policies"
         );
-        Ok(Security { tls: Some(tls), tokens, server, client: PolicySet::client(), registry: PolicySet::registry() })
+        Ok(Security {
+            tls: Some(tls),
+            tokens,
+            server,
+            client: PolicySet::client(),
+            registry: PolicySet::registry(),
+            monitor_scope: self.monitor_scope,
+        })
     }
 
     /// [`CommonArgs::security`], or print `<prog>: <reason>` and exit (64
@@ -195,6 +218,7 @@ pub struct Security {
     pub server: PolicySet,
     pub client: PolicySet,
     pub registry: PolicySet,
+    pub monitor_scope: MonitorScope,
 }
 
 impl std::fmt::Debug for Security {
@@ -215,6 +239,16 @@ impl Security {
             server: PolicySet::server(),
             client: PolicySet::client(),
             registry: PolicySet::registry(),
+            monitor_scope: MonitorScope::All,
+        }
+    }
+
+    /// The MonitorConnections server, showing subscribers what
+    /// `NSM_MONITOR_SCOPE` allows.
+    pub fn monitor(&self) -> MonitorServer {
+        match self.monitor_scope {
+            MonitorScope::All => MonitorServer::new(),
+            MonitorScope::Own => MonitorServer::with_authorize(AuthorizeMonitor::own()),
         }
     }
 
