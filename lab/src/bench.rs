@@ -49,6 +49,8 @@ pub struct BenchOpts {
     pub connections: usize,
     /// Write the report (Markdown) here as well.
     pub output: Option<std::path::PathBuf>,
+    /// Plaintext mesh (no mTLS, tokens or policies).
+    pub insecure: bool,
 }
 
 /// What the bench client reports.
@@ -359,7 +361,7 @@ pub async fn run(lab: &mut Lab, opts: &BenchOpts) -> anyhow::Result<()> {
     }
     let profile = if lab.bin("nsm-lab").to_string_lossy().contains("/release/") { "release" } else { "debug" };
     crate::say!("nsm-lab bench ({profile} build) on {}", machine());
-    let node_opts = NodeOpts { log_level: "WARN".into(), ..Default::default() };
+    let node_opts = NodeOpts { log_level: "WARN".into(), insecure: opts.insecure, ..Default::default() };
     let topo = cluster::build(lab, 1, 2, &node_opts).await?;
     let (n1, n2) = (topo.node(1, 1).clone(), topo.node(1, 2).clone());
     mesh::start_nse(lab, &n1, "nse-local", "bench-local", "10.200.0.0/21", &[("NSM_LOG_LEVEL", "WARN".into())]).await?;
@@ -499,8 +501,13 @@ fn render(rows: &[Row], setups: &[Setup], profile: &str, opts: &BenchOpts) -> St
         ));
     }
     s.push_str(&format!(
-        "\nConnection setup: {} Requests per row through nsmgr, forwarder(s) and endpoint, from a client pod on node 1; latency is the Request round trip (the interface is up with its addresses when it returns). Targets: p50 ≤ 20 ms local, ≤ 50 ms cross-node.\n\n",
-        opts.connections
+        "\nConnection setup: {} Requests per row through nsmgr, forwarder(s) and endpoint, from a client pod on node 1; latency is the Request round trip (the interface is up with its addresses when it returns); {}. Targets: p50 ≤ 20 ms local, ≤ 50 ms cross-node.\n\n",
+        opts.connections,
+        if opts.insecure {
+            "plaintext mesh (--insecure: no mTLS, tokens or policies)"
+        } else {
+            "mutual TLS, ES256 tokens and the default policies on every hop"
+        }
     ));
     s.push_str("| wire | mode | p50 ms | p99 ms | max ms | wall s | errors |\n|---|---|---|---|---|---|---|\n");
     for x in setups {

@@ -53,6 +53,10 @@ enum Cmd {
         /// Also write the report (Markdown) to this file.
         #[arg(long)]
         output: Option<std::path::PathBuf>,
+        /// Run the mesh in plaintext (NSM_INSECURE=true): the setup rows
+        /// without mutual TLS, tokens and policies, for comparison.
+        #[arg(long)]
+        insecure: bool,
     },
     /// (internal) The bench's client, run inside a pod namespace.
     #[command(hide = true)]
@@ -91,8 +95,8 @@ async fn main() {
             let code = run(&cli.prefix, DemoOpts { keep, log_level }).await;
             std::process::exit(code);
         }
-        Cmd::Bench { seconds, connections, output } => {
-            let code = bench(&cli.prefix, BenchOpts { seconds, connections, output }).await;
+        Cmd::Bench { seconds, connections, output, insecure } => {
+            let code = bench(&cli.prefix, BenchOpts { seconds, connections, output, insecure }).await;
             std::process::exit(code);
         }
         Cmd::BenchClient { connect_to, service, count, concurrency } => {
