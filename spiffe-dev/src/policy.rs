@@ -348,10 +348,13 @@ rules:
     #[test]
     fn lab_config_parses() {
         let p = Policy::parse(include_str!("../lab.yaml"), Path::new("lab.yaml")).unwrap();
-        let id = |ns: Option<&str>| p.identify(&caller(ns, Some("nsmgr"), 0)).unwrap();
-        assert_eq!(id(Some("nsmlab-c2n1")), "spiffe://nsm.cluster2/ns/default/pod/nsmlab-c2n1/nsmgr");
-        assert_eq!(id(Some("nsmlab-c1n2")), "spiffe://nsm.cluster1/ns/default/pod/nsmlab-c1n2/nsmgr");
-        assert_eq!(id(None), "spiffe://nsm.cluster1/ns/default/pod/host/nsmgr");
+        let id = |ns: Option<&str>, exe: &str| p.identify(&caller(ns, Some(exe), 0)).unwrap();
+        assert_eq!(id(Some("nsmlab-c1n2"), "nsmgr"), "spiffe://nsm.cluster1/ns/nsm-system/sa/nsmgr");
+        assert_eq!(
+            id(Some("nsmlab-nse1"), "nse-icmp-responder"),
+            "spiffe://nsm.cluster1/ns/default/sa/nse-icmp-responder"
+        );
+        assert_eq!(id(None, "nsmgr"), "spiffe://nsm.cluster1/ns/nsm-lab/sa/nsmgr");
     }
 
     #[test]

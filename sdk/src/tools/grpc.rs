@@ -544,14 +544,27 @@ async fn dial_inner(u: &Url, timeout: Duration, how: Handshake) -> Result<(Chann
             }
         }
     };
-    // A pre-flight connect (and handshake) gives a precise error.
-    tokio::time::timeout(timeout, handshake())
+    // A pre-flight connect (and handshake) gives a precise error; the
+    // channel's first connection is that one, later ones (reconnects) are
+    // new.
+    let first = tokio::time::timeout(timeout, handshake())
         .await
         .map_err(|_| derr(format!("timed out after {timeout:?}")))?
         .map_err(|e| derr(source_chain(&e)))?;
+    let first = Arc::new(Mutex::new(Some(first)));
     let ep = Endpoint::from_static("http://nsm.invalid").connect_timeout(timeout).tcp_nodelay(true);
-    let ch =
-        ep.connect_with_connector(tower::service_fn(move |_| handshake())).await.map_err(|e| derr(source_chain(&e)))?;
+    let ch = ep
+        .connect_with_connector(tower::service_fn(move |_| {
+            let (first, handshake) = (first.lock().unwrap_or_else(|e| e.into_inner()).take(), handshake.clone());
+            async move {
+                match first {
+                    Some(c) => Ok(c),
+                    None => handshake().await,
+                }
+            }
+        }))
+        .await
+        .map_err(|e| derr(source_chain(&e)))?;
     Ok((ch, peer))
 }
 
