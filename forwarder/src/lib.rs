@@ -223,10 +223,12 @@ pub fn chain(cfg: &Config, sec: &Security, remote: Option<Arc<remote::Remote>>, 
     let elems: Vec<Arc<dyn Element>> = vec![
         UpdatePath::new(&cfg.name),
         begin.clone(),
-        metadata.clone(),
         UpdateToken::new(tokens),
         // The caller's tokens: valid, unexpired, chained, signed by it.
         authorize,
+        // Per-connection storage (after authorize, as upstream: a refused
+        // call never reaches it).
+        metadata.clone(),
         Timeout::new(cfg.max_token_lifetime),
         monitor.element(),
         TrimPath::server(),

@@ -12,10 +12,12 @@ use nix::sys::signal::Signal;
 use nsm_api::connection::{Connection, Mechanism, Path, PathSegment};
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_api::networkservice::network_service_client::NetworkServiceClient;
+use nsm_api::registry::NetworkServiceEndpoint;
 use nsm_lab::cluster;
 use nsm_lab::env::Lab;
 use nsm_lab::mesh::{self, NodeOpts, NscSummary, connections, df_ping, link_kind, links, nsc_init, ping};
-use nsm_sdk::networkservice::chain::Peer;
+use nsm_sdk::networkservice::chain::{Context, Peer};
+use nsm_sdk::registry::{NseRegistry, find_nses};
 use nsm_sdk::tools::grpc::dial_with;
 use nsm_sdk::tools::token;
 
@@ -182,6 +184,23 @@ async fn cross_cluster_wireguard_and_vxlan_then_close() {
         let show = String::from_utf8_lossy(&o.stdout);
         assert!(show.contains("latest handshake") && show.contains("public key"), "wg show {name}:\n{show}");
     }
+
+    // A registration for the other domain travels nsmgr -> registry of
+    // cluster 1 -> registry of cluster 2, each hop with mutual TLS and its
+    // own token (the last registry authorizes the whole path).
+    let ctx = Context::with_timeout(Duration::from_secs(5));
+    let float = NetworkServiceEndpoint {
+        name: "lab-float@my.cluster2".into(),
+        network_service_names: vec!["secure".into()],
+        url: "tcp://10.1.0.1:5999".into(),
+        ..Default::default()
+    };
+    NseRegistry::register(&lab.registry(&a.nsmgr_url, Duration::from_secs(2)), &ctx, float.clone()).await.unwrap();
+    let q = NetworkServiceEndpoint { name: "lab-float".into(), ..Default::default() };
+    let there = lab.registry(&b.nsmgr_url, Duration::from_secs(2));
+    assert_eq!(find_nses(&there, &ctx, q.clone()).await.unwrap().len(), 1, "registered in cluster 2");
+    NseRegistry::unregister(&lab.registry(&a.nsmgr_url, Duration::from_secs(2)), &ctx, float).await.unwrap();
+    assert!(find_nses(&there, &ctx, q).await.unwrap().is_empty(), "unregistered in cluster 2");
 
     // Close (SIGTERM to the client): nothing is left anywhere.
     lab.stop("client", Duration::from_secs(5)).unwrap();

@@ -95,6 +95,8 @@ async fn forged_tokens_and_foreign_registrations_are_refused_by_the_right_policy
             parts[1] = base64url(&serde_json::to_vec(&forged).unwrap());
             Some(parts.join("."))
         }),
+        // Signed with our own key, in another identity's name.
+        ("prev_token_signed", Some(sign(key, "spiffe://nsm.cluster1/ns/default/sa/nsc", nsmgr_id, now() + 60))),
         ("prev_token_signed", {
             // Signed by someone else: a valid SVID for our very ID from the
             // right CA, but not the key of the certificate on this connection.
@@ -134,6 +136,61 @@ async fn forged_tokens_and_foreign_registrations_are_refused_by_the_right_policy
     };
     NseRegistry::register(&reg, &ctx, mine.clone()).await.unwrap();
     NseRegistry::unregister(&reg, &ctx, mine).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_identity_cannot_close_or_refresh_a_connection_by_its_id() {
+    let mut lab = mesh::test_lab("hijack");
+    let node = mesh::start_node(&mut lab, "node1", &NodeOpts::default()).await.unwrap();
+    mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.63.0/31", &[]).await.unwrap();
+    let pod = lab.add_netns("pod").unwrap();
+    let run = nsc_init(&lab, &node, &pod, "nsc", "kernel://icmp-responder/nsm-1", &[]).unwrap();
+    assert!(run.ok, "{}", run.stderr);
+    let url = &node.nsmgr_url;
+    let victim = connections(&lab, url).await.unwrap().remove(0);
+    let seg = victim.path.as_ref().unwrap().path_segments[1].clone();
+    // The lab (a valid SVID, a valid token) names the nsmgr's segment of the
+    // nsc's connection, as a refresh or Close by its owner would.
+    let me = lab.tls().unwrap().svid().unwrap();
+    let tok = sign(&me.private_key_pkcs8, &me.spiffe_id, "spiffe://nsm.cluster1/ns/nsm-system/sa/nsmgr", now() + 60);
+    let forged = Connection {
+        id: "forger-1".into(),
+        network_service: "icmp-responder".into(),
+        path: Some(Path {
+            index: 0,
+            path_segments: vec![
+                PathSegment { name: "forger".into(), id: "forger-1".into(), ..Default::default() },
+                PathSegment { name: seg.name.clone(), id: seg.id.clone(), ..Default::default() },
+            ],
+        }),
+        ..Default::default()
+    };
+    let (ch, _) = dial_with(url, Duration::from_secs(2), lab.tls()).await.unwrap();
+    let mut client = NetworkServiceClient::new(ch);
+    fn with<T>(tok: &str, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        token::put(
+            r.metadata_mut(),
+            &Token { token: tok.into(), expires: SystemTime::now() + Duration::from_secs(60) },
+        );
+        r
+    }
+    let refused = [
+        client.close(with(&tok, forged.clone())).await.unwrap_err(),
+        client
+            .request(with(&tok, NetworkServiceRequest { connection: Some(forged.clone()), ..Default::default() }))
+            .await
+            .unwrap_err(),
+    ];
+    for st in refused {
+        assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
+        assert!(st.message().contains("established by spiffe://nsm.cluster1/ns/default/sa/nsc"), "{}", st.message());
+    }
+    // Still there, still working.
+    assert_eq!(connections(&lab, url).await.unwrap().len(), 1);
+    let (ok, out) = ping(&lab, &pod, "nsm-1", "172.16.63.0", 1).unwrap();
+    assert!(ok, "{out}");
+    assert!(lab.log_tail(&node.nsmgr_name, 30).contains("by another identity refused"));
 }
 
 fn base64url(b: &[u8]) -> String {

@@ -162,11 +162,12 @@ pub fn chain(cfg: &Config, sec: &Security) -> anyhow::Result<(Chain, Handles)> {
     let elems: Vec<Arc<dyn Element>> = vec![
         UpdatePath::new(&cfg.name),
         begin.clone(),
-        Metadata::new(),
         UpdateToken::new(tokens),
         // The caller's tokens: valid, unexpired, chained, signed by it (plus
         // NSM_POLICY_FILES).
         authorize,
+        // After authorize: a refused call never reaches per-connection state.
+        Metadata::new(),
         Timeout::new(cfg.max_token_lifetime),
         monitor.element(),
         TrimPath::server(),

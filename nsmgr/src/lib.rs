@@ -193,12 +193,13 @@ pub fn build(cfg: &Config, sec: &Security, public: &Url) -> anyhow::Result<(Rout
         UpdatePath::new(&cfg.name),
         // One event at a time per connection; refresh = repeat.
         begin.clone(),
-        // Per-connection storage for the elements below.
-        metadata.clone(),
         // Record the caller's token expiry, mint ours.
         UpdateToken::new(tokens.clone()),
         // The caller's tokens: valid, unexpired, chained, signed by it.
         authorize.clone(),
+        // Per-connection storage for the elements below (after authorize:
+        // a refused call never reaches per-connection state).
+        metadata.clone(),
         // `svc@<our domain>` from another cluster is our `svc`.
         interdomain::Interdomain::new(&cfg.domain),
         // A client may only ask for interfaces in its own netns.

@@ -99,6 +99,7 @@ pub async fn run(
         own_domain,
         Arc::new(cfg.domain_registries),
         sec.pool(cfg.dial_timeout),
+        Some(sec.tokens.clone()),
     );
     // Registry path and tokens, then first-registrant ownership and the
     // policies (nsm-spec §2.6), then routing and storage.

@@ -118,26 +118,6 @@ impl Config {
     }
 }
 
-/// Installs the global log subscriber like the NSM daemons
-/// (`nsm_sdk::tools::log`), with this crate at `level` too.
-pub fn init_logging(level: &str, json: bool) -> Result<(), String> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() => tracing_subscriber::EnvFilter::try_new(v).map_err(|e| format!("RUST_LOG: {e}"))?,
-        _ => {
-            let d = nsm_sdk::tools::log::directive(level)?;
-            let l = d.rsplit('=').next().unwrap_or("info").to_string();
-            tracing_subscriber::EnvFilter::try_new(format!("{d},nsm_spiffe_dev={l}")).map_err(|e| e.to_string())?
-        }
-    };
-    use std::io::IsTerminal;
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let r = if json { b.json().try_init() } else { b.with_target(false).try_init() };
-    r.map_err(|e| e.to_string())
-}
-
 /// Reads the config file, sets up the CAs and serves the Workload API on
 /// `listeners` until `shutdown` resolves.
 pub async fn run(

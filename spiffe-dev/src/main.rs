@@ -1,13 +1,14 @@
 use nsm_sdk::tools::daemon::{exit_with, parse_or_exit, shutdown_signal};
 use nsm_sdk::tools::grpc::Listeners;
-use nsm_spiffe_dev::{Config, init_logging, run};
+use nsm_sdk::tools::log;
+use nsm_spiffe_dev::{Config, run};
 
 const PROG: &str = "nsm-spiffe-dev";
 
 #[tokio::main]
 async fn main() {
     let cfg: Config = parse_or_exit();
-    if let Err(e) = init_logging(&cfg.log_level, cfg.log_format == "json") {
+    if let Err(e) = log::init(&cfg.log_level, cfg.log_format == "json") {
         eprintln!("{PROG}: {e}");
         std::process::exit(64);
     }

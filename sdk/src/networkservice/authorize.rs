@@ -243,7 +243,7 @@ impl AuthorizeMonitor {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    use std::time::{Duration, SystemTime};
 
     use nsm_api::connection::{Path, PathSegment};
 
@@ -255,23 +255,11 @@ mod tests {
     use crate::networkservice::metadata::Metadata;
     use crate::networkservice::updatepath::UpdatePath;
     use crate::networkservice::updatetoken::UpdateToken;
-    use crate::security::jwt::testpki::TestPki;
+    use crate::security::jwt::testpki::{TestPki, now, peer_of};
     use crate::security::policy::tests::token;
     use crate::security::{StaticSvid, Svid};
     use crate::testing::{Inject, Record};
     use crate::tools::token::{JwtTokens, Token};
-
-    fn now() -> i64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
-    }
-
-    fn peer_of(s: &Svid) -> Peer {
-        Peer {
-            spiffe_id: Some(s.spiffe_id.clone()),
-            cert_der: Some(Arc::new(s.cert_chain[0].clone())),
-            ..Default::default()
-        }
-    }
 
     /// An nsmgr server chain as upstream orders it, with `tail` after
     /// `authorize`.

@@ -18,6 +18,13 @@
 //!   caller may send a stale or partial copy) and then forgets the id —
 //!   unless the Close was refused by policy (`PermissionDenied`, nothing
 //!   torn down): then the connection stays, for its owner or its timeout.
+//! - A connection belongs to the SPIFFE ID of the caller that established
+//!   it (`ctx.peer`, from mutual TLS). A refresh, reselect or Close of it by
+//!   another identified caller is `PermissionDenied`, before the rest of the
+//!   chain runs: knowing a connection id (monitors show them) is not enough
+//!   to close or re-point someone else's connection. Upstream has no such
+//!   check. Events scheduled by the chain itself and plaintext callers carry
+//!   no identity and are not checked.
 //! - [`EventFactory`] lets later elements schedule a Close or a refresh of the
 //!   connection (timeouts, monitors); those events are serialised with
 //!   caller-initiated ones and are dropped if the connection has been closed
@@ -72,6 +79,23 @@ struct Slot {
     dead: bool,
     /// Bumped on every successful Request, so stale events can tell.
     generation: u64,
+    /// SPIFFE ID of the caller that established the connection.
+    owner: Option<String>,
+}
+
+impl Slot {
+    /// Refuses a caller other than the connection's owner.
+    fn check_owner(&self, id: &str, ctx: &Context, what: &str) -> Result<(), Status> {
+        match (&self.owner, &ctx.peer.spiffe_id) {
+            (Some(owner), Some(caller)) if owner != caller => {
+                tracing::warn!(conn_id = %id, owner = %owner, peer = %caller, "{what} by another identity refused");
+                Err(Status::permission_denied(format!(
+                    "connection {id} was established by {owner}; {caller} may not {what} it"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Begin {
@@ -141,6 +165,7 @@ impl Element for Begin {
             if slot.dead {
                 continue; // closed while we waited: start over with a fresh entry
             }
+            slot.check_owner(&id, ctx, "refresh")?;
             let reselect = conn_mut(&mut req).state == State::ReselectRequested as i32;
             if reselect && let Some(old) = slot.conn.take() {
                 tracing::info!(conn_id = %id, "reselect requested: closing the previous downstream connection");
@@ -161,6 +186,9 @@ impl Element for Begin {
                     slot.conn = Some(conn.clone());
                     slot.request = Some(req);
                     slot.generation += 1;
+                    if first {
+                        slot.owner = ctx.peer.spiffe_id.clone();
+                    }
                     return Ok(conn);
                 }
                 Err(e) => {
@@ -188,6 +216,7 @@ impl Element for Begin {
         if slot.dead {
             return Ok(());
         }
+        slot.check_owner(&id, ctx, "close")?;
         let Some(last) = slot.conn.clone() else {
             slot.dead = true;
             self.state.remove(&id, &entry);
@@ -305,6 +334,42 @@ impl EventFactory {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn as_peer(id: Option<&str>) -> Context {
+        let mut ctx = Context::default();
+        ctx.peer.spiffe_id = id.map(String::from);
+        ctx
+    }
+
+    #[tokio::test]
+    async fn only_the_identity_that_established_a_connection_may_refresh_or_close_it() {
+        let begin = Begin::new();
+        let log = Record::log();
+        let grab = crate::testing::GrabEvents::default();
+        let chain = Chain::new(vec![begin.clone(), Arc::new(grab.clone()), Record::new("r", &log)]);
+        let (owner, other) = (Some("spiffe://td/ns/a/sa/nsc"), Some("spiffe://td/ns/b/sa/nsc"));
+        let conn = chain.request(&mut as_peer(owner), request_with_id("a")).await.unwrap();
+        let calls = log.lock().unwrap().len();
+        for res in [
+            chain.request(&mut as_peer(other), request_with_id("a")).await.map(|_| ()),
+            chain.close(&mut as_peer(other), conn.clone()).await,
+        ] {
+            let e = res.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied);
+            assert!(e.message().contains("established by spiffe://td/ns/a/sa/nsc"), "{}", e.message());
+        }
+        assert_eq!(log.lock().unwrap().len(), calls, "the rest of the chain did not run");
+        assert_eq!(begin.len(), 1);
+        // The owner refreshes; the chain's own events carry no identity.
+        chain.request(&mut as_peer(owner), request_with_id("a")).await.unwrap();
+        grab.get().unwrap().refresh().await.unwrap().unwrap();
+        chain.close(&mut as_peer(owner), conn).await.unwrap();
+        assert_eq!(begin.len(), 0);
+        // Without identities (plaintext) nothing is checked.
+        let conn = chain.request(&mut as_peer(None), request_with_id("b")).await.unwrap();
+        chain.close(&mut as_peer(other), conn).await.unwrap();
+        assert_eq!(begin.len(), 0);
+    }
 
     #[tokio::test]
     async fn stale_events_do_not_touch_a_refreshed_connection() {

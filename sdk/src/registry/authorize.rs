@@ -442,28 +442,16 @@ impl NsRegistry for Authorize<dyn NsRegistry> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, UNIX_EPOCH};
+    use std::time::Duration;
 
     use super::*;
     use crate::networkservice::chain::Peer;
     use crate::registry::find_nses;
     use crate::registry::memory::MemoryRegistry;
-    use crate::security::jwt::testpki::TestPki;
+    use crate::security::jwt::testpki::{TestPki, now, peer_of};
     use crate::security::policy::tests::token;
     use crate::security::{StaticSvid, Svid};
     use crate::tools::token::{JwtTokens, Token};
-
-    fn now() -> i64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
-    }
-
-    fn peer_of(s: &Svid) -> Peer {
-        Peer {
-            spiffe_id: Some(s.spiffe_id.clone()),
-            cert_der: Some(Arc::new(s.cert_chain[0].clone())),
-            ..Default::default()
-        }
-    }
 
     fn tokgen(s: &Svid) -> SharedTokenGenerator {
         JwtTokens::new(Arc::new(StaticSvid(Arc::new(s.clone()))), Duration::from_secs(600))

@@ -88,6 +88,7 @@ use super::{NsRegistry, NsStream, NseRegistry, NseStream, RemoteRegistry};
 use crate::networkservice::chain::Context;
 use crate::tools::grpc::{self, ChannelPool, parse_url};
 use crate::tools::nsurl::split_interdomain;
+use crate::tools::token::SharedTokenGenerator;
 
 /// The environment variable [`StaticDomains`] is configured from (named in
 /// error messages so operators know what to fix).
@@ -374,6 +375,9 @@ pub struct Interdomain {
     own_domain: Option<String>,
     resolver: Arc<dyn DomainResolver>,
     pool: ChannelPool,
+    /// This registry's per-RPC tokens for the registries it forwards to
+    /// (their `authorize` needs the forwarding hop's token).
+    tokens: Option<SharedTokenGenerator>,
 }
 
 impl std::fmt::Debug for Interdomain {
@@ -384,17 +388,19 @@ impl std::fmt::Debug for Interdomain {
 
 impl Interdomain {
     /// Routes calls between `local_ns`/`local_nse` and the registries of
-    /// other domains (found by `resolver`, dialed through `pool`).
-    /// `own_domain` (empty = none) is handled locally.
+    /// other domains (found by `resolver`, dialed through `pool`, sending
+    /// `tokens` as per-RPC tokens: the other registries' `authorize` needs
+    /// them under mutual TLS). `own_domain` (empty = none) is handled locally.
     pub fn new(
         local_ns: Arc<dyn NsRegistry>,
         local_nse: Arc<dyn NseRegistry>,
         own_domain: Option<String>,
         resolver: Arc<dyn DomainResolver>,
         pool: ChannelPool,
+        tokens: Option<SharedTokenGenerator>,
     ) -> Arc<Interdomain> {
         let own_domain = own_domain.filter(|d| !d.is_empty());
-        Arc::new(Interdomain { local_ns, local_nse, own_domain, resolver, pool })
+        Arc::new(Interdomain { local_ns, local_nse, own_domain, resolver, pool, tokens })
     }
 
     /// This registry's own domain, if configured.
@@ -409,7 +415,13 @@ impl Interdomain {
             return Ok(Some(Target { domain, remote: None }));
         }
         match self.resolver.registry_url(&domain).await {
-            Some(url) => Ok(Some(Target { domain, remote: Some(RemoteRegistry::new(url, self.pool.clone())) })),
+            Some(url) => {
+                let mut r = RemoteRegistry::new(url, self.pool.clone());
+                if let Some(t) = &self.tokens {
+                    r = r.with_tokens(t.clone());
+                }
+                Ok(Some(Target { domain, remote: Some(r) }))
+            }
             None => {
                 let own = match &self.own_domain {
                     Some(o) => format!("this registry's own domain (NSM_DOMAIN) is {o}"),
@@ -672,6 +684,7 @@ mod tests {
             Some("c1".into()),
             resolver.clone(),
             ChannelPool::new(Duration::from_secs(1)),
+            None,
         );
         Setup { local, c2, c3_url, resolver, id }
     }

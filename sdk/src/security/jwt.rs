@@ -15,8 +15,11 @@
 //! - [`verify_es256`] / [`verify_es256_pem`] accept a token only if it has
 //!   exactly three segments, its header says `alg: ES256` (anything else —
 //!   `none`, `HS256`, a missing `alg` — is refused *before* any key is
-//!   used), the certificate's key is EC P-256, and the signature verifies
-//!   over the first two segments as sent. Claims are returned only then.
+//!   used), the certificate's key is EC P-256, the signature verifies
+//!   over the first two segments as sent, and — when the certificate has a
+//!   SPIFFE ID — the token's `sub` is that ID. Claims are returned only then.
+//!   (A signature alone would let a key holder sign a token in someone
+//!   else's name; upstream's OPA check has that gap.)
 //! - Expiry is **not** checked here: that is policy (`tokens_expired.rego`),
 //!   so an operator can see and change it.
 //! - [`decode`] parses without verifying; use it only for routing decisions
@@ -53,6 +56,9 @@ pub enum JwtError {
     /// The signature does not verify against the certificate's key.
     #[error("token (sub {sub:?}) is not signed by the key of certificate {cert}")]
     BadSignature { sub: String, cert: String },
+    /// Signed by the certificate's key, but in another identity's name.
+    #[error("token claims sub {sub:?} but is signed by {cert}")]
+    Subject { sub: String, cert: String },
     /// The signing key is not a PKCS#8 EC P-256 key.
     #[error("signing key is not a PKCS#8 EC P-256 key: {0}")]
     Key(String),
@@ -209,7 +215,11 @@ pub fn verify_es256(token: &str, cert_der: &[u8]) -> Result<Claims, JwtError> {
     let parts = decode_parts(token)?;
     check_alg(&parts)?;
     let (cert_name, point) = cert_public_key(cert_der)?;
-    verify_parts(token, &parts, &point, &cert_name)
+    let claims = verify_parts(token, &parts, &point, &cert_name)?;
+    if cert_name.starts_with("spiffe://") && claims.sub != cert_name {
+        return Err(JwtError::Subject { sub: claims.sub, cert: cert_name });
+    }
+    Ok(claims)
 }
 
 /// [`verify_es256`] with the certificate as PEM (what policies get in
@@ -408,6 +418,20 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_token_in_another_identitys_name_is_refused() {
+        let pki = TestPki::new();
+        let a = pki.svid("spiffe://test.local/a");
+        // Signed with a's own key, but claiming to be v.
+        let t = sign_es256(&a.private_key_pkcs8, &claims("spiffe://test.local/v", &[])).unwrap();
+        let e = verify_es256(&t, &a.cert_chain[0]).unwrap_err();
+        assert!(matches!(e, JwtError::Subject { .. }), "{e}");
+        assert!(
+            e.to_string().contains("spiffe://test.local/v") && e.to_string().contains("spiffe://test.local/a"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn alg_none_and_others_are_refused() {
         let pki = TestPki::new();
         let a = pki.svid("spiffe://test.local/a");
@@ -493,5 +517,19 @@ pub(crate) mod testpki {
                 not_after: UNIX_EPOCH + Duration::from_secs(na.unix_timestamp() as u64),
             }
         }
+    }
+
+    /// The peer a TLS handshake with the holder of `s` yields.
+    pub(crate) fn peer_of(s: &Svid) -> crate::networkservice::chain::Peer {
+        crate::networkservice::chain::Peer {
+            spiffe_id: Some(s.spiffe_id.clone()),
+            cert_der: Some(std::sync::Arc::new(s.cert_chain[0].clone())),
+            ..Default::default()
+        }
+    }
+
+    /// Now in Unix seconds, as JWT claims carry it.
+    pub(crate) fn now() -> i64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
     }
 }

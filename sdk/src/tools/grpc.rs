@@ -314,6 +314,16 @@ impl Listeners {
                                     peer_addr = ?who.addr,
                                     "the peer hung up during the TLS handshake"
                                 ),
+                                // A ClientHello without signature schemes is
+                                // what spiffe-rustls sends while it converts
+                                // a new SVID or bundle (milliseconds, right
+                                // after start or a rotation); our dialers
+                                // retry it.
+                                Ok(Err(e)) if offered_no_signature_schemes(&e) => tracing::info!(
+                                    peer_pid = ?who.pid,
+                                    peer_addr = ?who.addr,
+                                    "the peer's TLS was not ready yet (no signature schemes offered; it retries)"
+                                ),
                                 Ok(Err(e)) => tracing::warn!(
                                     peer_pid = ?who.pid,
                                     peer_addr = ?who.addr,
@@ -329,6 +339,15 @@ impl Listeners {
         }));
         (Incoming { rx }, SocketGuard { paths, tasks })
     }
+}
+
+/// A handshake that failed because the client's hello offered no signature
+/// schemes.
+fn offered_no_signature_schemes(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::NoSignatureSchemes))
+    )
 }
 
 /// How long a peer may take for its TLS handshake.
@@ -658,6 +677,16 @@ pub fn unix_path(u: &Url) -> Option<&Path> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_not_ready_peer_is_told_apart_from_a_refusal() {
+        let io = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        assert!(offered_no_signature_schemes(&io(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::NoSignatureSchemes
+        ))));
+        assert!(!offered_no_signature_schemes(&io(rustls::Error::NoCertificatesPresented)));
+        assert!(!offered_no_signature_schemes(&std::io::Error::other("x")));
+    }
 
     #[test]
     fn urls() {

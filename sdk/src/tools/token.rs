@@ -235,21 +235,13 @@ mod tests {
 
     mod jwt_tokens {
         use super::super::*;
-        use crate::security::jwt::testpki::TestPki;
+        use crate::security::jwt::testpki::{TestPki, peer_of};
         use crate::security::{StaticSvid, SvidSource};
 
         struct NoSvid;
         impl SvidSource for NoSvid {
             fn svid(&self) -> Option<Arc<Svid>> {
                 None
-            }
-        }
-
-        fn peer_of(s: &Svid) -> Peer {
-            Peer {
-                spiffe_id: Some(s.spiffe_id.clone()),
-                cert_der: Some(Arc::new(s.cert_chain[0].clone())),
-                ..Default::default()
             }
         }
 
