@@ -34,7 +34,8 @@
 //!   or no certificate in it (plaintext) ⇒ unchecked.
 //! - Denied on a first Request ⇒ the new connection is closed again (best
 //!   effort) and `PermissionDenied` returned. Denied on a refresh of a
-//!   connection that was authorized before (known from `ctx.meta`) ⇒
+//!   connection that was authorized before (known from `ctx.meta`, or from
+//!   the request carrying the established path, hops after ours) ⇒
 //!   `PermissionDenied` without closing: the established connection stays
 //!   until its caller closes it or its tokens expire.
 //!
@@ -173,6 +174,13 @@ impl Element for AuthorizeClient {
     }
 
     async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+        // A request that carries the path of an established connection (hops
+        // after ours) is a refresh, also in chains without `metadata` (nsc).
+        let carries_path = req
+            .connection
+            .as_ref()
+            .and_then(|c| c.path.as_ref())
+            .is_some_and(|p| p.path_segments.len() > p.index as usize + 1);
         let conn = next.clone().request(ctx, req).await?;
         let Some(server) = ctx.ext.get::<ServerPeer>().cloned() else { return Ok(conn) };
         let Some(cert) = server.cert_der.clone() else { return Ok(conn) };
@@ -185,7 +193,7 @@ impl Element for AuthorizeClient {
         };
         let who = server.spiffe_id.clone().unwrap_or_else(|| "the server".to_string());
         let status = refused.to_status(&format!("the connection {} returned by {who}", conn.id));
-        let refresh = ctx.meta.as_ref().is_some_and(|m| m.client_get::<Authorized>().is_some());
+        let refresh = carries_path || ctx.meta.as_ref().is_some_and(|m| m.client_get::<Authorized>().is_some());
         tracing::warn!(conn_id = %conn.id, server = %who, policy = refused.policy(), refresh, error = %refused,
             "returned connection refused");
         if !refresh {
@@ -622,6 +630,14 @@ mod tests {
         // A first request with a forged server token: refused and closed.
         assert_denied(chain.request(&mut Context::default(), req("b")).await, "next_token_signed");
         assert_eq!(*server.closes.lock().unwrap(), 1);
+
+        // A client without per-connection state (nsc) refreshing with the
+        // established connection: refused, not closed.
+        let bare = Chain::new(vec![UpdatePath::new("nsc"), AuthorizeClient::new(PolicySet::client()), server.clone()]);
+        let mut refresh = req("a");
+        refresh.connection = Some(conn.clone());
+        assert_denied(bare.request(&mut Context::default(), refresh).await, "next_token_signed");
+        assert_eq!(*server.closes.lock().unwrap(), 1, "the refresh of an established connection tore it down");
 
         // Without a ServerPeer (plaintext) nothing is checked.
         let plain = Arc::new(FakeServer {

@@ -56,7 +56,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use nsm_api::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceEndpointQuery, NetworkServiceQuery};
@@ -278,7 +278,15 @@ struct Owned {
     path_ids: Vec<String>,
     /// When the registration lapses (`None`: until unregistered).
     expires: Option<SystemTime>,
+    /// A first registration that passed the policies and is on its way to
+    /// the store: the name is reserved for its registrant meanwhile, so a
+    /// concurrent registration by someone else is refused.
+    pending: bool,
 }
+
+/// How long a reservation can outlive a registration call that never
+/// finished (it is released as soon as the call fails).
+const RESERVATION: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 struct Owners {
@@ -331,6 +339,8 @@ impl Authorize<dyn NsRegistry> {
 struct Checked {
     /// SPIFFE ID of the original registrant.
     resource_id: String,
+    /// The name was free and is now reserved for `resource_id`.
+    reserved: bool,
 }
 
 impl<R: ?Sized> Authorize<R> {
@@ -352,12 +362,13 @@ impl<R: ?Sized> Authorize<R> {
         let left = &path.path_segments[..end];
         let resource_id = left.first().and_then(|s| subject_of(&s.token)).unwrap_or_default();
         let now = SystemTime::now();
-        let entry = {
-            let mut o = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-            o.tick(now);
-            o.get(name, now).map(|e| e.path_ids.clone())
-        };
+        // Held through the evaluation: the lookup, the verdict and the
+        // reservation of a new name are one step.
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        owners.tick(now);
+        let entry = owners.get(name, now).map(|e| e.path_ids.clone());
         let mut map = serde_json::Map::new();
+        let reserve = entry.is_none() && what == "registration";
         if let Some(ids) = entry {
             map.insert(name.to_string(), json!(ids));
         }
@@ -374,17 +385,31 @@ impl<R: ?Sized> Authorize<R> {
             tracing::warn!(name, peer, resource_id = %resource_id, policy = r.policy(), error = %r, "registry {what} refused");
             r.to_status(&format!("the {what} of {name:?} by {resource_id:?} (via {peer})"))
         })?;
-        Ok(Some(Checked { resource_id }))
+        if reserve {
+            let o = Owned { path_ids: vec![resource_id.clone()], expires: Some(now + RESERVATION), pending: true };
+            owners.names.insert(name.to_string(), o);
+        }
+        Ok(Some(Checked { resource_id, reserved: reserve }))
+    }
+
+    /// Releases the reservation of a registration that failed.
+    fn failed(&self, name: &str, checked: Option<Checked>) {
+        if checked.is_some_and(|c| c.reserved) {
+            let mut o = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+            if o.names.get(name).is_some_and(|e| e.pending) {
+                o.names.remove(name);
+            }
+        }
     }
 
     fn registered(&self, name: &str, checked: Option<Checked>, path_ids: &[String], expires: Option<SystemTime>) {
         let Some(c) = checked else { return };
         let now = SystemTime::now();
         let mut o = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        if o.get(name, now).is_none() {
+        if o.get(name, now).is_none_or(|e| e.pending) {
             let path_ids =
                 if path_ids.first().is_some_and(|f| !f.is_empty()) { path_ids.to_vec() } else { vec![c.resource_id] };
-            o.names.insert(name.to_string(), Owned { path_ids, expires });
+            o.names.insert(name.to_string(), Owned { path_ids, expires, pending: false });
         } else if let Some(e) = o.names.get_mut(name) {
             e.expires = expires;
         }
@@ -401,8 +426,14 @@ impl<R: ?Sized> Authorize<R> {
 impl NseRegistry for Authorize<dyn NseRegistry> {
     async fn register(&self, ctx: &Context, nse: NetworkServiceEndpoint) -> Result<NetworkServiceEndpoint, Status> {
         let checked = self.check(ctx, &nse.name, "registration")?;
-        let path_ids = nse.path_ids.clone();
-        let out = self.inner.register(ctx, nse).await?;
+        let (name, path_ids) = (nse.name.clone(), nse.path_ids.clone());
+        let out = match self.inner.register(ctx, nse).await {
+            Ok(out) => out,
+            Err(e) => {
+                self.failed(&name, checked);
+                return Err(e);
+            }
+        };
         let expires = out.expiration_time.as_ref().and_then(token::from_timestamp);
         self.registered(&out.name, checked, &path_ids, expires);
         Ok(out)
@@ -423,8 +454,14 @@ impl NseRegistry for Authorize<dyn NseRegistry> {
 impl NsRegistry for Authorize<dyn NsRegistry> {
     async fn register(&self, ctx: &Context, ns: NetworkService) -> Result<NetworkService, Status> {
         let checked = self.check(ctx, &ns.name, "registration")?;
-        let path_ids = ns.path_ids.clone();
-        let out = self.inner.register(ctx, ns).await?;
+        let (name, path_ids) = (ns.name.clone(), ns.path_ids.clone());
+        let out = match self.inner.register(ctx, ns).await {
+            Ok(out) => out,
+            Err(e) => {
+                self.failed(&name, checked);
+                return Err(e);
+            }
+        };
         self.registered(&out.name, checked, &path_ids, None);
         Ok(out)
     }
@@ -442,7 +479,6 @@ impl NsRegistry for Authorize<dyn NsRegistry> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use super::*;
     use crate::networkservice::chain::Peer;
@@ -566,6 +602,69 @@ mod tests {
         assert_eq!(auth.len(), 1, "released on unregister");
         // Now the name is free again.
         reg.register(&call(&bob, &registry, None), nse("nse-1")).await.unwrap();
+    }
+
+    /// A store whose registrations wait for a permit, then fail or pass.
+    struct Gate {
+        store: MemoryRegistry,
+        permits: tokio::sync::Semaphore,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl NseRegistry for Gate {
+        async fn register(&self, ctx: &Context, nse: NetworkServiceEndpoint) -> Result<NetworkServiceEndpoint, Status> {
+            self.permits.acquire().await.unwrap().forget();
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(Status::unavailable("store down"));
+            }
+            NseRegistry::register(&self.store, ctx, nse).await
+        }
+        async fn find(&self, ctx: &Context, q: NetworkServiceEndpointQuery) -> Result<NseStream, Status> {
+            NseRegistry::find(&self.store, ctx, q).await
+        }
+        async fn unregister(&self, ctx: &Context, nse: NetworkServiceEndpoint) -> Result<(), Status> {
+            NseRegistry::unregister(&self.store, ctx, nse).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_is_reserved_while_its_first_registration_is_on_its_way() {
+        let pki = TestPki::new();
+        let alice = pki.svid("spiffe://test.local/alice");
+        let bob = pki.svid("spiffe://test.local/bob");
+        let registry = pki.svid("spiffe://test.local/registry");
+        let gate = Arc::new(Gate {
+            store: MemoryRegistry::default(),
+            permits: tokio::sync::Semaphore::new(0),
+            fail: Default::default(),
+        });
+        let auth = Authorize::nse(gate.clone(), PolicySet::registry());
+        let reg: Arc<dyn NseRegistry> = UpdatePath::nse(auth.clone(), tokgen(&registry));
+
+        // Alice's first registration is stuck in the store; Bob's for the
+        // same name meanwhile is refused, not raced.
+        let first = tokio::spawn({
+            let (reg, ctx) = (reg.clone(), call(&alice, &registry, None));
+            async move { reg.register(&ctx, nse("nse-1")).await }
+        });
+        while auth.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let e = reg.register(&call(&bob, &registry, None), nse("nse-1")).await.unwrap_err();
+        assert!(e.message().contains("policy client_allowed denied"), "{}", e.message());
+        gate.permits.add_permits(1);
+        first.await.unwrap().unwrap();
+        assert_eq!(auth.len(), 1);
+
+        // A first registration the store refuses releases its reservation.
+        gate.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        gate.permits.add_permits(1);
+        assert!(reg.register(&call(&alice, &registry, None), nse("nse-2")).await.is_err());
+        assert_eq!(auth.len(), 1, "nse-2 is free again");
+        gate.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        gate.permits.add_permits(1);
+        reg.register(&call(&bob, &registry, None), nse("nse-2")).await.unwrap();
     }
 
     #[tokio::test]
