@@ -60,11 +60,10 @@ async fn apply_context(p: &Pair, ctx: &IpContext) {
     let c = p.client.handle();
     let e = p.endpoint.handle();
     apply_addresses(c, CLIENT_IF, &cidrs(&ctx.src_ip_addrs)).await.unwrap();
-    apply_routes(c, CLIENT_IF, &ctx.dst_ip_routes()).await.unwrap();
-    apply_routes(c, CLIENT_IF, &ctx.src_routes_with_explicit_next_hop()).await.unwrap();
+    let both = |a: Vec<ResolvedRoute>, b: Vec<ResolvedRoute>| a.into_iter().chain(b).collect::<Vec<_>>();
+    apply_routes(c, CLIENT_IF, &both(ctx.dst_ip_routes(), ctx.src_routes_with_explicit_next_hop())).await.unwrap();
     apply_addresses(e, ENDPOINT_IF, &cidrs(&ctx.dst_ip_addrs)).await.unwrap();
-    apply_routes(e, ENDPOINT_IF, &ctx.src_ip_routes()).await.unwrap();
-    apply_routes(e, ENDPOINT_IF, &ctx.dst_routes_with_explicit_next_hop()).await.unwrap();
+    apply_routes(e, ENDPOINT_IF, &both(ctx.src_ip_routes(), ctx.dst_routes_with_explicit_next_hop())).await.unwrap();
 }
 
 fn ctx(src: &[&str], dst: &[&str], src_routes: &[&str], dst_routes: &[&str]) -> IpContext {
@@ -158,6 +157,28 @@ async fn veth_pair_ipv4_ping_and_idempotence() {
     assert_eq!(addrs.lines().count(), 1, "{addrs}");
     let routes2 = ok_output(&p.client.exec(&["ip", "route", "show", "dev", CLIENT_IF]));
     assert_eq!(routes2.lines().count(), 2, "{routes2}");
+
+    // Converging to another route set (an endpoint changed its routes
+    // between refreshes) removes the stale ones and keeps the kernel's.
+    let r = |p: &str, via: Option<&str>| ResolvedRoute {
+        prefix: Cidr::parse(p).unwrap(),
+        next_hop: via.map(|v| v.parse().unwrap()),
+    };
+    let next = [r("172.16.1.2/32", None), r("10.30.0.0/16", Some("172.16.1.2"))];
+    apply_routes(p.client.handle(), CLIENT_IF, &next).await.unwrap();
+    let routes3 = ok_output(&p.client.exec(&["ip", "route", "show", "dev", CLIENT_IF]));
+    assert!(has_line(&routes3, "10.30.0.0/16 via 172.16.1.2 ", &["onlink"]), "{routes3}");
+    assert!(!routes3.contains("10.10.0.0/16"), "stale route left: {routes3}");
+    assert_eq!(routes3.lines().count(), 2, "{routes3}");
+    apply_routes(p.client.handle(), CLIENT_IF, &[]).await.unwrap();
+    let routes4 = ok_output(&p.client.exec(&["ip", "route", "show", "dev", CLIENT_IF]));
+    assert!(routes4.trim().is_empty(), "{routes4}");
+    // A route someone else added out of the interface with another
+    // protocol is not ours to remove.
+    ok_output(&p.client.exec(&["ip", "route", "add", "10.40.0.0/16", "dev", CLIENT_IF, "proto", "boot"]));
+    apply_routes(p.client.handle(), CLIENT_IF, &next).await.unwrap();
+    let routes5 = ok_output(&p.client.exec(&["ip", "route", "show", "dev", CLIENT_IF]));
+    assert!(routes5.contains("10.40.0.0/16"), "{routes5}");
 
     // Converging to another address set replaces the old one.
     apply_addresses(p.client.handle(), CLIENT_IF, &[Cidr::parse("172.16.1.5/32").unwrap()]).await.unwrap();

@@ -49,6 +49,7 @@ pub const IFALIAS_MAX: usize = 255;
 const ENODEV: i32 = 19;
 const EEXIST: i32 = 17;
 const EADDRNOTAVAIL: i32 = 99;
+const ESRCH: i32 = 3;
 
 /// Failures of kernel (netlink / sysctl) operations.
 #[derive(Debug, thiserror::Error)]

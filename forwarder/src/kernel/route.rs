@@ -1,22 +1,30 @@
-//! Routes out of an interface, with replace semantics.
+//! Routes out of an interface, converged to a wanted set.
 //!
 //! Each route is sent as `RTM_NEWROUTE` with `NLM_F_CREATE|NLM_F_REPLACE`
-//! in the main table, so repeating it changes nothing. Routes are not removed
-//! here: deleting the interface removes its routes.
+//! in the main table (protocol `static`), so repeating it changes nothing.
+//! Static routes out of the interface that are no longer wanted (an endpoint
+//! changed its routes between refreshes) are deleted; routes the kernel
+//! made for addresses (protocol `kernel`) are left alone. Deleting the
+//! interface removes all of its routes.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use netlink_packet_route::route::RouteScope;
+use futures::TryStreamExt;
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
 use nsm_api::ext::ResolvedRoute;
 use nsm_sdk::tools::netns::NetnsHandle;
 use rtnetlink::RouteMessageBuilder;
 
-use super::{EEXIST, KernelError, errno_of, get_link, validate_ifname};
+use super::{EEXIST, ESRCH, KernelError, errno_of, get_link, validate_ifname};
 
-/// Installs `routes` out of `ifname` in `ns`. The prefix is masked to its
-/// network address. Without next hop: a link-scope route via the interface;
-/// with one: a universe route via that gateway, flagged `onlink` (the
-/// gateway need not be inside any prefix on the interface).
+/// The main routing table.
+const RT_TABLE_MAIN: u8 = 254;
+
+/// Makes the static routes out of `ifname` in `ns` exactly `routes`: missing
+/// ones are added, stale ones deleted. The prefix is masked to its network
+/// address. Without next hop: a link-scope route via the interface; with
+/// one: a universe route via that gateway, flagged `onlink` (the gateway
+/// need not be inside any prefix on the interface).
 pub async fn apply_routes(ns: &NetnsHandle, ifname: &str, routes: &[ResolvedRoute]) -> Result<(), KernelError> {
     validate_ifname(ifname)?;
     let invalid = |r: &ResolvedRoute, reason| KernelError::InvalidRoute {
@@ -36,9 +44,6 @@ pub async fn apply_routes(ns: &NetnsHandle, ifname: &str, routes: &[ResolvedRout
         if r.next_hop.is_some_and(|g| g.is_ipv4() != r.prefix.addr.is_ipv4()) {
             return Err(invalid(r, "the next hop is not of the prefix's address family"));
         }
-    }
-    if routes.is_empty() {
-        return Ok(());
     }
     let nl = ns.netlink().await?;
     let link = get_link(&nl, ns, ifname)
@@ -77,5 +82,70 @@ pub async fn apply_routes(ns: &NetnsHandle, ifname: &str, routes: &[ResolvedRout
             }
         }
     }
+    let wanted: Vec<RouteKey> = routes.iter().map(|r| (r.prefix.network().addr, r.prefix.len, r.next_hop)).collect();
+    let ours: Vec<RouteMessage> = nl
+        .route()
+        .get(RouteMessageBuilder::<IpAddr>::new().build())
+        .execute()
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(|e| KernelError::netlink("listing routes", ns, ifname, e))?
+        .into_iter()
+        .filter(|m| {
+            m.header.protocol == RouteProtocol::Static
+                && table_of(m) == u32::from(RT_TABLE_MAIN)
+                && m.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == link.index))
+        })
+        .collect();
+    for m in ours {
+        let Some(key) = key_of(&m) else { continue };
+        if wanted.contains(&key) {
+            continue;
+        }
+        match nl.route().del(m).execute().await {
+            Ok(()) => {}
+            Err(e) if errno_of(&e) == Some(ESRCH) => {}
+            Err(e) => {
+                return Err(KernelError::netlink(format!("deleting stale route {}/{}", key.0, key.1), ns, ifname, e));
+            }
+        }
+        tracing::debug!(netns = ns.describe(), ifname, dst = %key.0, len = key.1, via = ?key.2, "deleted stale route");
+    }
     Ok(())
+}
+
+/// `(destination, prefix length, gateway)`.
+type RouteKey = (IpAddr, u8, Option<IpAddr>);
+
+fn inet(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+fn key_of(m: &RouteMessage) -> Option<RouteKey> {
+    let mut dst = None;
+    let mut gw = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(d) => dst = inet(d),
+            RouteAttribute::Gateway(g) => gw = inet(g),
+            _ => {}
+        }
+    }
+    let dst = dst.unwrap_or(match m.header.address_family {
+        netlink_packet_route::AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    });
+    Some((dst, m.header.destination_prefix_length, gw))
+}
+
+/// The table of a route (`RTA_TABLE` when present, else the header's).
+fn table_of(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| if let RouteAttribute::Table(t) = a { Some(*t) } else { None })
+        .unwrap_or(u32::from(m.header.table))
 }
