@@ -92,6 +92,11 @@ struct Inner {
     snapshot: watch::Sender<Arc<Snapshot>>,
     /// Serialises rotations within this process.
     rotate: Mutex<()>,
+    /// The SVID last issued per SPIFFE ID, handed out again while it is in
+    /// the first half of its life and its CA still signs (as the SPIRE
+    /// agent caches one SVID per entry): a workload opening a second stream,
+    /// or getting a bundle update, keeps the same SVID.
+    issued: Mutex<BTreeMap<String, (Arc<Ca>, MintedSvid)>>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -138,7 +143,9 @@ impl Authority {
             }
         }
         let (snapshot, _) = watch::channel(Arc::new(Snapshot { domains }));
-        Ok(Authority { inner: Arc::new(Inner { opts, snapshot, rotate: Mutex::new(()) }) })
+        Ok(Authority {
+            inner: Arc::new(Inner { opts, snapshot, rotate: Mutex::new(()), issued: Mutex::new(BTreeMap::new()) }),
+        })
     }
 
     pub fn options(&self) -> &AuthorityOptions {
@@ -192,7 +199,19 @@ impl Authority {
             .domains
             .get(td)
             .ok_or_else(|| CaError::WrongTrustDomain { id: spiffe_id.to_string(), td: td.to_string() })?;
-        let svid = dom.ca.mint(spiffe_id, self.inner.opts.svid_ttl)?;
+        let now = SystemTime::now();
+        let ttl = self.inner.opts.svid_ttl;
+        let mut issued = self.inner.issued.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((ca, svid)) = issued.get(spiffe_id)
+            && Arc::ptr_eq(ca, &dom.ca)
+            && svid.not_after.duration_since(now).is_ok_and(|left| left > ttl / 2)
+        {
+            return Ok(Issued { svid: svid.clone(), bundle: dom.bundle_der(), federated: snap.federated_for(td) });
+        }
+        issued.retain(|_, (_, s)| s.not_after > now);
+        let svid = dom.ca.mint(spiffe_id, ttl)?;
+        issued.insert(spiffe_id.to_string(), (dom.ca.clone(), svid.clone()));
+        drop(issued);
         tracing::info!(
             spiffe_id,
             pid = caller.pid,

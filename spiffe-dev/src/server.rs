@@ -4,8 +4,10 @@
 //! (InvalidArgument otherwise, as SPIRE). X.509 calls attest the caller by
 //! its unix peer credentials; a caller no rule matches gets PermissionDenied.
 //! Streams stay open: FetchX509SVID sends a new SVID at half the current
-//! one's lifetime and whenever a bundle changes; FetchX509Bundles sends the
-//! bundles again when they change. A stream ends when its client goes away
+//! one's lifetime, and the SVID again with the new bundles whenever a bundle
+//! changes; FetchX509Bundles sends the bundles again when they change. One
+//! SVID per SPIFFE ID is shared by every stream while it is in the first
+//! half of its life (the SPIRE agent caches one per entry). A stream ends when its client goes away
 //! or the server stops. JWT-SVIDs are not implemented.
 
 use std::pin::Pin;

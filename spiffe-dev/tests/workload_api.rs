@@ -283,6 +283,11 @@ async fn ca_rotation_pushes_new_svid_and_bundle_and_streams_end_with_their_clien
     auth.rotate_ca("nsm.cluster1").unwrap();
     let second = tokio::time::timeout(Duration::from_secs(2), stream.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(second.bundle_set().get(&td("nsm.cluster1")).unwrap().authorities().len(), 2);
+    // Only a bundle changed: the SVID is the same one (as SPIRE's agent).
+    assert_eq!(
+        serial(second.default_svid().unwrap().leaf().as_bytes()),
+        serial(first.default_svid().unwrap().leaf().as_bytes())
+    );
 
     // Rotating the own CA: the new SVID is signed by the new CA; both CAs are trusted.
     auth.rotate_ca("nsm.cluster2").unwrap();
@@ -314,6 +319,31 @@ async fn ca_rotation_pushes_new_svid_and_bundle_and_streams_end_with_their_clien
     })
     .await
     .expect("stream task still running after the client left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_update_or_a_second_stream_is_no_rotation() {
+    let yaml =
+        format!("{TWO_CLUSTERS}rules: [{{ match: {{ exe: {} }}, spiffe_id: spiffe://nsm.cluster1/w }}]\n", my_exe());
+    let s = start_with_authority(&yaml, &[]).await;
+    let auth = s.auth.clone().unwrap();
+    // Two streams (the sdk's first fetch and its X509Source's) get one SVID.
+    let tls = nsm_sdk::security::tls::Tls::from_workload_api(&s.endpoint(), Duration::from_secs(5)).await.unwrap();
+    let before = nsm_sdk::security::SvidSource::svid(&*tls).unwrap();
+    let other = s.client().await.fetch_x509_svid().await.unwrap();
+    assert_eq!(serial(other.leaf().as_bytes()), serial(&before.cert_chain[0]), "a second stream got another SVID");
+
+    // A federated CA rotates: every stream gets the new bundle and the same
+    // SVID, which the sdk must not take for a rotation of its own.
+    let mut watch = s.client().await.stream_x509_contexts().await.unwrap();
+    watch.next().await.unwrap().unwrap();
+    auth.rotate_ca("nsm.cluster2").unwrap();
+    let ctx = tokio::time::timeout(Duration::from_secs(2), watch.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(ctx.bundle_set().get(&td("nsm.cluster2")).unwrap().authorities().len(), 2, "the update went out");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = nsm_sdk::security::SvidSource::svid(&*tls).unwrap();
+    assert!(std::sync::Arc::ptr_eq(&before, &after), "a bundle update was taken for an SVID rotation");
+    tls.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

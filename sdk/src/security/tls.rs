@@ -241,6 +241,16 @@ impl Tls {
             return Some((c.svid.clone(), c.key.clone()));
         }
         let chain: Vec<Vec<u8>> = x.cert_chain().iter().map(|c| c.as_bytes().to_vec()).collect();
+        // The source updates on every Workload API message, also when only a
+        // bundle changed and the SVID is the same: then nothing rotated (no
+        // new key, no redials, tokens keep their signer).
+        if let Some(c) = cache.as_mut()
+            && chain == c.svid.cert_chain
+            && x.private_key().as_ref() == c.svid.private_key_pkcs8.as_slice()
+        {
+            c.src = x;
+            return Some((c.svid.clone(), c.key.clone()));
+        }
         let svid = Arc::new(Svid {
             spiffe_id: x.spiffe_id().to_string(),
             not_after: chain.first().and_then(|c| not_after(c)).unwrap_or(SystemTime::UNIX_EPOCH),
