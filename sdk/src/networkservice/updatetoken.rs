@@ -3,7 +3,9 @@
 //!
 //! # Guarantees
 //! - `path_segments[index-1]` gets the token and expiry the caller sent as
-//!   per-RPC metadata (if it sent them).
+//!   per-RPC metadata (if it sent them); the expiry is never later than the
+//!   token's own `exp` claim (the header is only the caller's say-so, and
+//!   `timeout` closes the connection at that expiry).
 //! - `path_segments[index]` gets a fresh token for the caller as peer; a
 //!   refresh re-mints it.
 //!
@@ -39,8 +41,12 @@ impl UpdateToken {
             && let Some(t) = token::get(&ctx.incoming)
             && let Some(prev) = path.path_segments.get_mut(idx - 1)
         {
+            let exp = match crate::security::jwt::decode(&t.token) {
+                Ok((_, c)) if c.exp > 0 => t.expires.min(c.expires()),
+                _ => t.expires,
+            };
             prev.token = t.token;
-            prev.expires = Some(token::to_timestamp(t.expires));
+            prev.expires = Some(token::to_timestamp(exp));
         }
         let mine = self.tokens.generate(&ctx.peer)?;
         if let Some(cur) = path.path_segments.get_mut(idx) {
@@ -109,5 +115,27 @@ mod tests {
         assert!(prev.duration_since(exp).unwrap_or_else(|e| e.duration()) < Duration::from_millis(1));
         let mine = token::from_timestamp(segs[1].expires.as_ref().unwrap()).unwrap();
         assert!(mine > SystemTime::now() + Duration::from_secs(50));
+    }
+
+    #[tokio::test]
+    async fn a_claimed_expiry_past_the_tokens_own_is_cut_to_it() {
+        let pki = crate::security::jwt::testpki::TestPki::new();
+        let nsc = pki.svid("spiffe://test.local/nsc");
+        let now = crate::security::jwt::testpki::now();
+        let jwt = crate::security::policy::tests::token(&nsc, "spiffe://test.local/nsmgr", now + 60);
+        let chain = Chain::new(vec![UpdateToken::new(ExpiryOnly::new(Duration::from_secs(60)))]);
+        let mut ctx = Context::default();
+        token::put(&mut ctx.incoming, &Token { token: jwt, expires: SystemTime::now() + Duration::from_secs(86400) });
+        let req = NetworkServiceRequest {
+            connection: Some(Connection {
+                path: Some(Path { index: 1, path_segments: vec![PathSegment::default(), PathSegment::default()] }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let conn = chain.request(&mut ctx, req).await.unwrap();
+        let prev = token::from_timestamp(conn.path.unwrap().path_segments[0].expires.as_ref().unwrap()).unwrap();
+        let exp = std::time::UNIX_EPOCH + Duration::from_secs((now + 60) as u64);
+        assert_eq!(prev, exp, "the segment expires with the token, not with the header's claim");
     }
 }
