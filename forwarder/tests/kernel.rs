@@ -173,9 +173,9 @@ async fn veth_pair_ipv4_ping_and_idempotence() {
     apply_routes(p.client.handle(), CLIENT_IF, &[]).await.unwrap();
     let routes4 = ok_output(&p.client.exec(&["ip", "route", "show", "dev", CLIENT_IF]));
     assert!(routes4.trim().is_empty(), "{routes4}");
-    // A route someone else added out of the interface with another
-    // protocol is not ours to remove.
-    ok_output(&p.client.exec(&["ip", "route", "add", "10.40.0.0/16", "dev", CLIENT_IF, "proto", "boot"]));
+    // A route someone else added out of the interface (a static one, as
+    // `ip route add` and network managers make them) is not ours to remove.
+    ok_output(&p.client.exec(&["ip", "route", "add", "10.40.0.0/16", "dev", CLIENT_IF, "proto", "static"]));
     apply_routes(p.client.handle(), CLIENT_IF, &next).await.unwrap();
     let routes5 = ok_output(&p.client.exec(&["ip", "route", "show", "dev", CLIENT_IF]));
     assert!(routes5.contains("10.40.0.0/16"), "{routes5}");

@@ -1,11 +1,12 @@
 //! Routes out of an interface, converged to a wanted set.
 //!
 //! Each route is sent as `RTM_NEWROUTE` with `NLM_F_CREATE|NLM_F_REPLACE`
-//! in the main table (protocol `static`), so repeating it changes nothing.
-//! Static routes out of the interface that are no longer wanted (an endpoint
-//! changed its routes between refreshes) are deleted; routes the kernel
-//! made for addresses (protocol `kernel`) are left alone. Deleting the
-//! interface removes all of its routes.
+//! in the main table, tagged with our own route protocol [`RTPROT_NSM`]
+//! (`ip route show proto 110`), so repeating it changes nothing. Our routes
+//! out of the interface that are no longer wanted (an endpoint changed its
+//! routes between refreshes) are deleted; routes of any other protocol (the
+//! kernel's for addresses, an application's or a network manager's static
+//! ones) are left alone. Deleting the interface removes all of its routes.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -20,7 +21,11 @@ use super::{EEXIST, ESRCH, KernelError, errno_of, get_link, validate_ifname};
 /// The main routing table.
 const RT_TABLE_MAIN: u8 = 254;
 
-/// Makes the static routes out of `ifname` in `ns` exactly `routes`: missing
+/// The route protocol NSM's routes carry (unassigned in iproute2's
+/// `rt_protos`), which tells them apart from everyone else's.
+pub const RTPROT_NSM: u8 = 110;
+
+/// Makes NSM's routes out of `ifname` in `ns` exactly `routes`: missing
 /// ones are added, stale ones deleted. The prefix is masked to its network
 /// address. Without next hop: a link-scope route via the interface; with
 /// one: a universe route via that gateway, flagged `onlink` (the gateway
@@ -53,16 +58,20 @@ pub async fn apply_routes(ns: &NetnsHandle, ifname: &str, routes: &[ResolvedRout
         let p = r.prefix.network();
         let msg = match (p.addr, r.next_hop) {
             (IpAddr::V4(dst), gw) => {
-                let b =
-                    RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, p.len).output_interface(link.index);
+                let b = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(dst, p.len)
+                    .output_interface(link.index)
+                    .protocol(RouteProtocol::Other(RTPROT_NSM));
                 match gw {
                     Some(IpAddr::V4(gw)) => b.gateway(gw).onlink().scope(RouteScope::Universe).build(),
                     _ => b.scope(RouteScope::Link).build(),
                 }
             }
             (IpAddr::V6(dst), gw) => {
-                let b =
-                    RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(dst, p.len).output_interface(link.index);
+                let b = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(dst, p.len)
+                    .output_interface(link.index)
+                    .protocol(RouteProtocol::Other(RTPROT_NSM));
                 match gw {
                     Some(IpAddr::V6(gw)) => b.gateway(gw).onlink().scope(RouteScope::Universe).build(),
                     // IPv6 has no route scopes; the kernel reports universe.
@@ -92,7 +101,7 @@ pub async fn apply_routes(ns: &NetnsHandle, ifname: &str, routes: &[ResolvedRout
         .map_err(|e| KernelError::netlink("listing routes", ns, ifname, e))?
         .into_iter()
         .filter(|m| {
-            m.header.protocol == RouteProtocol::Static
+            m.header.protocol == RouteProtocol::Other(RTPROT_NSM)
                 && table_of(m) == u32::from(RT_TABLE_MAIN)
                 && m.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == link.index))
         })

@@ -112,16 +112,20 @@ impl AuthorizeServer {
         Arc::new(AuthorizeServer { policies, close_policies })
     }
 
-    fn check(&self, ctx: &Context, conn: &Connection, what: &str) -> Result<(), Status> {
+    fn check(&self, ctx: &mut Context, conn: &Connection, what: &str) -> Result<(), Status> {
         let Some(cert) = &ctx.peer.cert_der else { return Ok(()) };
         let index = conn.path.as_ref().map_or(0, |p| p.index as usize);
         let input = policy_input(conn, Some(index), cert);
         let policies = if what == "close" { &self.close_policies } else { &self.policies };
-        policies.evaluate(&input).map_err(|r| {
+        let res = policies.evaluate(&input).map_err(|r| {
             let peer = peer_name(&ctx.peer);
             tracing::warn!(conn_id = %conn.id, peer = %peer, policy = r.policy(), error = %r, "{what} refused");
             r.to_status(&format!("the {what} of {peer} for connection {}", conn.id))
-        })
+        });
+        if res.is_err() {
+            ctx.ext.insert(super::begin::RefusedHere);
+        }
+        res
     }
 }
 
@@ -174,14 +178,17 @@ impl Element for AuthorizeClient {
     }
 
     async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
-        // A request that carries the path of an established connection (hops
-        // after ours) is a refresh, also in chains without `metadata` (nsc).
-        let carries_path = req
-            .connection
-            .as_ref()
-            .and_then(|c| c.path.as_ref())
-            .is_some_and(|p| p.path_segments.len() > p.index as usize + 1);
+        // A request that carries the path of an established connection is a
+        // refresh if the next hop answers for that same connection (same id
+        // in its segment), also in chains without `metadata` (nsc). A
+        // reselect, or a next hop that made a new connection, is not.
+        let next_id = |c: &Connection| {
+            let p = c.path.as_ref()?;
+            p.path_segments.get(p.index as usize + 1).map(|s| s.id.clone()).filter(|i| !i.is_empty())
+        };
+        let carried = req.connection.as_ref().filter(|c| c.state != State::ReselectRequested as i32).and_then(next_id);
         let conn = next.clone().request(ctx, req).await?;
+        let carries_path = carried.is_some() && carried == next_id(&conn);
         let Some(server) = ctx.ext.get::<ServerPeer>().cloned() else { return Ok(conn) };
         let Some(cert) = server.cert_der.clone() else { return Ok(conn) };
         let input = policy_input(&conn, None, &cert);
@@ -638,6 +645,11 @@ mod tests {
         refresh.connection = Some(conn.clone());
         assert_denied(bare.request(&mut Context::default(), refresh).await, "next_token_signed");
         assert_eq!(*server.closes.lock().unwrap(), 1, "the refresh of an established connection tore it down");
+        // A reselect builds a new connection downstream: refused, it is closed.
+        let mut reselect = req("a");
+        reselect.connection = Some(Connection { state: State::ReselectRequested as i32, ..conn.clone() });
+        assert_denied(bare.request(&mut Context::default(), reselect).await, "next_token_signed");
+        assert_eq!(*server.closes.lock().unwrap(), 2, "a refused reselect left its new connection up");
 
         // Without a ServerPeer (plaintext) nothing is checked.
         let plain = Arc::new(FakeServer {

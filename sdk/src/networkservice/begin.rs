@@ -16,15 +16,20 @@
 //!   caller's copy so kernel state from before a restart is removed). Close of a known id runs
 //!   the rest of the chain with the last connection this hop returned (a
 //!   caller may send a stale or partial copy) and then forgets the id —
-//!   unless the Close was refused by policy (`PermissionDenied`, nothing
-//!   torn down): then the connection stays, for its owner or its timeout.
-//! - A connection belongs to the SPIFFE ID of the caller that established
-//!   it (`ctx.peer`, from mutual TLS). A refresh, reselect or Close of it by
-//!   another identified caller is `PermissionDenied`, before the rest of the
-//!   chain runs: knowing a connection id (monitors show them) is not enough
-//!   to close or re-point someone else's connection. Upstream has no such
-//!   check. Events scheduled by the chain itself and plaintext callers carry
-//!   no identity and are not checked.
+//!   unless the Close was refused at this hop (its owner check or
+//!   `authorize`, marked [`RefusedHere`]; nothing was torn down): then the
+//!   connection stays, for its owner or its timeout.
+//! - A connection belongs to the SPIFFE ID that originated it: the
+//!   client's, i.e. the TLS caller's where the caller is the path's first
+//!   segment, else the `sub` of the first segment's token (which the first
+//!   hop verified, and rewrites with each caller's own token). A refresh,
+//!   reselect or Close naming it on behalf of another origin is
+//!   `PermissionDenied`, before the rest of the chain runs: knowing a
+//!   connection id (monitors show them) is not enough to close or re-point
+//!   someone else's connection, at the first hop or behind it. Restarted
+//!   infrastructure (a new nsmgr or forwarder identity) does not change the
+//!   origin. Upstream has no such check. Events scheduled by the chain
+//!   itself, and plaintext meshes (no identities, no JWTs), are not checked.
 //! - [`EventFactory`] lets later elements schedule a Close or a refresh of the
 //!   connection (timeouts, monitors); those events are serialised with
 //!   caller-initiated ones and are dropped if the connection has been closed
@@ -79,24 +84,49 @@ struct Slot {
     dead: bool,
     /// Bumped on every successful Request, so stale events can tell.
     generation: u64,
-    /// SPIFFE ID of the caller that established the connection.
+    /// SPIFFE ID that originated the connection ([`origin`]).
     owner: Option<String>,
 }
 
+/// The SPIFFE ID a call acts for: the TLS caller if it is the path's first
+/// segment, else the `sub` of the first segment's token. `None` for events
+/// of the chain itself (no TLS caller) and plaintext meshes.
+fn origin(ctx: &Context, conn: &Connection) -> Option<String> {
+    let caller = ctx.peer.spiffe_id.clone()?;
+    let Some(path) = conn.path.as_ref() else { return Some(caller) };
+    if path.index <= 1 {
+        return Some(caller);
+    }
+    let first = path.path_segments.first()?;
+    crate::security::jwt::decode(&first.token).ok().map(|(_, c)| c.sub).filter(|s| !s.is_empty())
+}
+
 impl Slot {
-    /// Refuses a caller other than the connection's owner.
-    fn check_owner(&self, id: &str, ctx: &Context, what: &str) -> Result<(), Status> {
-        match (&self.owner, &ctx.peer.spiffe_id) {
-            (Some(owner), Some(caller)) if owner != caller => {
-                tracing::warn!(conn_id = %id, owner = %owner, peer = %caller, "{what} by another identity refused");
-                Err(Status::permission_denied(format!(
-                    "connection {id} was established by {owner}; {caller} may not {what} it"
-                )))
-            }
-            _ => Ok(()),
+    /// Refuses a call on behalf of another origin than the connection's.
+    fn check_owner(&self, id: &str, ctx: &mut Context, conn: &Connection, what: &str) -> Result<(), Status> {
+        let Some(owner) = &self.owner else { return Ok(()) };
+        if ctx.peer.spiffe_id.is_none() {
+            return Ok(());
         }
+        let by = origin(ctx, conn).unwrap_or_else(|| "an unidentified origin".to_string());
+        if *owner == by {
+            return Ok(());
+        }
+        let peer = ctx.peer.spiffe_id.clone().unwrap_or_default();
+        tracing::warn!(conn_id = %id, owner = %owner, origin = %by, peer = %peer, "{what} for another identity refused");
+        ctx.ext.insert(RefusedHere);
+        Err(Status::permission_denied(format!(
+            "connection {id} was established by {owner}; a {what} on behalf of {by} (via {peer}) is refused"
+        )))
     }
 }
+
+/// Marks a call that an element of this hop refused before anything was
+/// torn down (`begin`'s owner check, `authorize`): `begin` then keeps the
+/// connection. A refusal from further down the chain does not carry it: by
+/// then this hop's elements have released their part.
+#[derive(Clone, Copy, Debug)]
+pub struct RefusedHere;
 
 impl Begin {
     /// A new `begin` element.
@@ -165,7 +195,7 @@ impl Element for Begin {
             if slot.dead {
                 continue; // closed while we waited: start over with a fresh entry
             }
-            slot.check_owner(&id, ctx, "refresh")?;
+            slot.check_owner(&id, ctx, conn_mut(&mut req), "refresh")?;
             let reselect = conn_mut(&mut req).state == State::ReselectRequested as i32;
             if reselect && let Some(old) = slot.conn.take() {
                 tracing::info!(conn_id = %id, "reselect requested: closing the previous downstream connection");
@@ -180,6 +210,7 @@ impl Element for Begin {
             // will establish; older ones are stale once it succeeds.
             ctx.events = Some(self.factory(&id, &next, slot.generation + 1));
             let first = slot.conn.is_none();
+            let by = origin(ctx, conn_mut(&mut req));
             match next.request(ctx, req.clone()).await {
                 Ok(mut conn) => {
                     conn.state = State::Up as i32;
@@ -187,7 +218,7 @@ impl Element for Begin {
                     slot.request = Some(req);
                     slot.generation += 1;
                     if first {
-                        slot.owner = ctx.peer.spiffe_id.clone();
+                        slot.owner = by;
                     }
                     return Ok(conn);
                 }
@@ -216,7 +247,7 @@ impl Element for Begin {
         if slot.dead {
             return Ok(());
         }
-        slot.check_owner(&id, ctx, "close")?;
+        slot.check_owner(&id, ctx, &conn, "close")?;
         let Some(last) = slot.conn.clone() else {
             slot.dead = true;
             self.state.remove(&id, &entry);
@@ -224,11 +255,9 @@ impl Element for Begin {
         };
         ctx.events = Some(self.factory(&id, &next, slot.generation));
         let res = next.close(ctx, last).await;
-        if let Err(e) = &res
-            && e.code() == tonic::Code::PermissionDenied
-        {
-            // Refused by policy before anything was torn down: the
-            // connection stays, for its owner to close (or its timeout).
+        if res.is_err() && ctx.ext.get::<RefusedHere>().is_some() {
+            // Refused by policy at this hop, before anything was torn down:
+            // the connection stays, for its owner to close (or its timeout).
             return res;
         }
         slot.dead = true;
@@ -365,6 +394,43 @@ mod tests {
         grab.get().unwrap().refresh().await.unwrap().unwrap();
         chain.close(&mut as_peer(owner), conn).await.unwrap();
         assert_eq!(begin.len(), 0);
+        // Behind the first hop the origin is the first segment's token:
+        // a restarted nsmgr (a new identity) may refresh, another client's
+        // request routed through the same hop may not.
+        let pki = crate::security::jwt::testpki::TestPki::new();
+        let tok = |who: &str| {
+            crate::security::policy::tests::token(
+                &pki.svid(who),
+                "spiffe://td/nsmgr",
+                crate::security::jwt::testpki::now() + 60,
+            )
+        };
+        let downstream = |first_token: String| {
+            let mut r = request_with_id("d");
+            r.connection.as_mut().unwrap().path = Some(nsm_api::connection::Path {
+                index: 2,
+                path_segments: vec![
+                    nsm_api::connection::PathSegment { token: first_token, ..Default::default() },
+                    Default::default(),
+                    Default::default(),
+                ],
+            });
+            r
+        };
+        let (nsmgr, nsmgr_restarted) = (Some("spiffe://td/nsmgr-pod-1"), Some("spiffe://td/nsmgr-pod-2"));
+        let conn = chain.request(&mut as_peer(nsmgr), downstream(tok("spiffe://td/alice"))).await.unwrap();
+        chain.request(&mut as_peer(nsmgr_restarted), downstream(tok("spiffe://td/alice"))).await.unwrap();
+        let e = chain.request(&mut as_peer(nsmgr), downstream(tok("spiffe://td/mallory"))).await.unwrap_err();
+        assert!(e.message().contains("established by spiffe://td/alice"), "{}", e.message());
+        let mut forged = conn.clone();
+        forged.path = downstream(tok("spiffe://td/mallory")).connection.unwrap().path;
+        assert_eq!(chain.close(&mut as_peer(nsmgr), forged).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+        assert_eq!(begin.len(), 1);
+        let mut own = conn;
+        own.path = downstream(tok("spiffe://td/alice")).connection.unwrap().path;
+        chain.close(&mut as_peer(nsmgr_restarted), own).await.unwrap();
+        assert_eq!(begin.len(), 0);
+
         // Without identities (plaintext) nothing is checked.
         let conn = chain.request(&mut as_peer(None), request_with_id("b")).await.unwrap();
         chain.close(&mut as_peer(other), conn).await.unwrap();

@@ -8,9 +8,6 @@
 //! - The storage is dropped on Close, and when the *first* Request of an id
 //!   fails. Values stored there (timers, handles) must release their
 //!   resources on drop.
-//! - A Close refused by policy (`PermissionDenied`: nothing was torn down)
-//!   keeps the storage, as `begin` keeps the connection: its timers and
-//!   handles are still needed by the real Close or the timeout.
 //!
 //! # Chain placement
 //! After `begin` (which serialises access per id).
@@ -127,9 +124,7 @@ impl Element for Metadata {
         let meta = self.map.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
         ctx.meta = Some(meta.unwrap_or_default());
         let res = next.close(ctx, conn).await;
-        if !matches!(&res, Err(e) if e.code() == tonic::Code::PermissionDenied) {
-            self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-        }
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         res
     }
 }
@@ -159,51 +154,6 @@ mod tests {
         assert_eq!(meta.client_get::<Marker>().unwrap().0, 7);
         assert!(meta.server_get::<Marker>().is_none(), "client and server maps are separate");
         chain.close(&mut Context::default(), conn).await.unwrap();
-        assert_eq!(md.len(), 0);
-    }
-
-    /// Refuses every Close while `refuse` is set, like a policy would.
-    #[derive(Default)]
-    struct RefuseClose(std::sync::atomic::AtomicBool);
-
-    #[async_trait]
-    impl Element for RefuseClose {
-        fn name(&self) -> &'static str {
-            "refuse-close"
-        }
-        async fn request(
-            &self,
-            ctx: &mut Context,
-            req: NetworkServiceRequest,
-            next: Next,
-        ) -> Result<Connection, Status> {
-            next.request(ctx, req).await
-        }
-        async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
-            if self.0.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(Status::permission_denied("no"));
-            }
-            next.close(ctx, conn).await
-        }
-    }
-
-    #[tokio::test]
-    async fn a_close_refused_by_policy_keeps_the_storage() {
-        let md = Metadata::new();
-        let refuse = Arc::new(RefuseClose::default());
-        let chain = Chain::new(vec![md.clone(), Inject::store_marker(), refuse.clone()]);
-        let conn = chain.request(&mut Context::default(), request_with_id("a")).await.unwrap();
-        refuse.0.store(true, std::sync::atomic::Ordering::SeqCst);
-        let e = chain.close(&mut Context::default(), conn.clone()).await.unwrap_err();
-        assert_eq!(e.code(), tonic::Code::PermissionDenied);
-        assert_eq!(md.len(), 1, "a refused Close dropped the connection's state");
-        let mut ctx = Context::default();
-        chain.request(&mut ctx, request_with_id("a")).await.unwrap();
-        assert_eq!(ctx.meta.unwrap().server_get::<crate::testing::Counter>().unwrap().0, 2, "same storage");
-        refuse.0.store(false, std::sync::atomic::Ordering::SeqCst);
-        // Any other failure still ends the connection here.
-        let failing = Chain::new(vec![md.clone(), Inject::error(tonic::Code::Unavailable, "gone")]);
-        assert!(failing.close(&mut Context::default(), conn.clone()).await.is_err());
         assert_eq!(md.len(), 0);
     }
 

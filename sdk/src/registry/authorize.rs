@@ -280,8 +280,10 @@ struct Owned {
     expires: Option<SystemTime>,
     /// A first registration that passed the policies and is on its way to
     /// the store: the name is reserved for its registrant meanwhile, so a
-    /// concurrent registration by someone else is refused.
-    pending: bool,
+    /// concurrent registration by someone else is refused. The id tells
+    /// reservations apart, so only the call that made one releases or
+    /// fulfils it.
+    pending: Option<u64>,
 }
 
 /// How long a reservation can outlive a registration call that never
@@ -292,6 +294,7 @@ const RESERVATION: Duration = Duration::from_secs(60);
 struct Owners {
     names: HashMap<String, Owned>,
     calls_since_sweep: usize,
+    reservations: u64,
 }
 
 impl Owners {
@@ -339,8 +342,8 @@ impl Authorize<dyn NsRegistry> {
 struct Checked {
     /// SPIFFE ID of the original registrant.
     resource_id: String,
-    /// The name was free and is now reserved for `resource_id`.
-    reserved: bool,
+    /// The name was free and is now reserved for `resource_id` (this id).
+    reserved: Option<u64>,
 }
 
 impl<R: ?Sized> Authorize<R> {
@@ -368,7 +371,9 @@ impl<R: ?Sized> Authorize<R> {
         owners.tick(now);
         let entry = owners.get(name, now).map(|e| e.path_ids.clone());
         let mut map = serde_json::Map::new();
-        let reserve = entry.is_none() && what == "registration";
+        // An unnamed registration gets its name from the store: nothing to
+        // reserve.
+        let reserve = entry.is_none() && what == "registration" && !name.is_empty();
         if let Some(ids) = entry {
             map.insert(name.to_string(), json!(ids));
         }
@@ -385,18 +390,21 @@ impl<R: ?Sized> Authorize<R> {
             tracing::warn!(name, peer, resource_id = %resource_id, policy = r.policy(), error = %r, "registry {what} refused");
             r.to_status(&format!("the {what} of {name:?} by {resource_id:?} (via {peer})"))
         })?;
-        if reserve {
-            let o = Owned { path_ids: vec![resource_id.clone()], expires: Some(now + RESERVATION), pending: true };
+        let reserved = reserve.then(|| {
+            owners.reservations += 1;
+            let id = owners.reservations;
+            let o = Owned { path_ids: vec![resource_id.clone()], expires: Some(now + RESERVATION), pending: Some(id) };
             owners.names.insert(name.to_string(), o);
-        }
-        Ok(Some(Checked { resource_id, reserved: reserve }))
+            id
+        });
+        Ok(Some(Checked { resource_id, reserved }))
     }
 
     /// Releases the reservation of a registration that failed.
     fn failed(&self, name: &str, checked: Option<Checked>) {
-        if checked.is_some_and(|c| c.reserved) {
+        if let Some(id) = checked.and_then(|c| c.reserved) {
             let mut o = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-            if o.names.get(name).is_some_and(|e| e.pending) {
+            if o.names.get(name).is_some_and(|e| e.pending == Some(id)) {
                 o.names.remove(name);
             }
         }
@@ -406,13 +414,21 @@ impl<R: ?Sized> Authorize<R> {
         let Some(c) = checked else { return };
         let now = SystemTime::now();
         let mut o = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        if o.get(name, now).is_none_or(|e| e.pending) {
-            let path_ids =
-                if path_ids.first().is_some_and(|f| !f.is_empty()) { path_ids.to_vec() } else { vec![c.resource_id] };
-            o.names.insert(name.to_string(), Owned { path_ids, expires, pending: false });
-        } else if let Some(e) = o.names.get_mut(name) {
-            e.expires = expires;
+        match o.get(name, now).map(|e| (e.pending, e.path_ids.first() == Some(&c.resource_id))) {
+            // Free, or reserved for this registrant: the first registration.
+            None | Some((Some(_), true)) => {}
+            // Someone else's reservation: theirs to fulfil.
+            Some((Some(_), false)) => return,
+            Some((None, _)) => {
+                if let Some(e) = o.names.get_mut(name) {
+                    e.expires = expires;
+                }
+                return;
+            }
         }
+        let path_ids =
+            if path_ids.first().is_some_and(|f| !f.is_empty()) { path_ids.to_vec() } else { vec![c.resource_id] };
+        o.names.insert(name.to_string(), Owned { path_ids, expires, pending: None });
     }
 
     fn unregistered(&self, name: &str, checked: Option<Checked>) {
@@ -648,7 +664,9 @@ mod tests {
             let (reg, ctx) = (reg.clone(), call(&alice, &registry, None));
             async move { reg.register(&ctx, nse("nse-1")).await }
         });
+        let t0 = std::time::Instant::now();
         while auth.is_empty() {
+            assert!(t0.elapsed() < Duration::from_secs(5), "the first registration reserved nothing");
             tokio::task::yield_now().await;
         }
         let e = reg.register(&call(&bob, &registry, None), nse("nse-1")).await.unwrap_err();
@@ -665,6 +683,12 @@ mod tests {
         gate.fail.store(false, std::sync::atomic::Ordering::SeqCst);
         gate.permits.add_permits(1);
         reg.register(&call(&bob, &registry, None), nse("nse-2")).await.unwrap();
+
+        // Unnamed registrations (the store names them) reserve nothing.
+        gate.permits.add_permits(2);
+        let a = reg.register(&call(&alice, &registry, None), nse("")).await.unwrap();
+        let b = reg.register(&call(&bob, &registry, None), nse("")).await.unwrap();
+        assert!(!a.name.is_empty() && a.name != b.name, "{} {}", a.name, b.name);
     }
 
     #[tokio::test]
