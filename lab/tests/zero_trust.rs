@@ -190,7 +190,8 @@ async fn another_identity_cannot_close_or_refresh_a_connection_by_its_id() {
     assert_eq!(connections(&lab, url).await.unwrap().len(), 1);
     let (ok, out) = ping(&lab, &pod, "nsm-1", "172.16.63.0", 1).unwrap();
     assert!(ok, "{out}");
-    assert!(lab.log_tail(&node.nsmgr_name, 30).contains("by another identity refused"));
+    let log = lab.log_tail(&node.nsmgr_name, 60);
+    assert!(log.contains("for another identity refused"), "{log}");
 }
 
 fn base64url(b: &[u8]) -> String {

@@ -34,14 +34,6 @@ pub struct AuthorityOptions {
     pub netns_dir: PathBuf,
 }
 
-/// When an SVID is replaced: half way from its issue (`not_before` without
-/// the backdating) to its expiry. Every stream holding it gets the next one
-/// then, and it is shared with new streams only before.
-pub fn rotation_point(s: &MintedSvid) -> SystemTime {
-    let issued = s.not_before + crate::ca::BACKDATE;
-    issued + s.not_after.duration_since(issued).unwrap_or_default() / 2
-}
-
 /// One trust domain's state.
 #[derive(Clone)]
 pub struct Domain {
@@ -100,8 +92,8 @@ struct Inner {
     snapshot: watch::Sender<Arc<Snapshot>>,
     /// Serialises rotations within this process.
     rotate: Mutex<()>,
-    /// The SVID last issued per SPIFFE ID, handed out again before its
-    /// midpoint while its CA still signs (as the SPIRE
+    /// The SVID last issued per SPIFFE ID, handed out again while it is in
+    /// the first half of its life and its CA still signs (as the SPIRE
     /// agent caches one SVID per entry): a workload opening a second stream,
     /// or getting a bundle update, keeps the same SVID.
     issued: Mutex<BTreeMap<String, (Arc<Ca>, MintedSvid)>>,
@@ -212,7 +204,7 @@ impl Authority {
         let mut issued = self.inner.issued.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((ca, svid)) = issued.get(spiffe_id)
             && Arc::ptr_eq(ca, &dom.ca)
-            && now < rotation_point(svid)
+            && svid.not_after.duration_since(now).is_ok_and(|left| left > ttl / 2)
         {
             return Ok(Issued { svid: svid.clone(), bundle: dom.bundle_der(), federated: snap.federated_for(td) });
         }

@@ -113,11 +113,10 @@ fn issue_error(e: crate::ca::CaError) -> Status {
     Status::internal(format!("issuing an X509-SVID failed: {e}"))
 }
 
-/// When to send the next SVID: at its rotation point (half way from issue
-/// to expiry; shared SVIDs rotate on every stream at once).
-fn rotate_in(svid: &crate::ca::MintedSvid) -> Duration {
-    let at = crate::authority::rotation_point(svid);
-    at.duration_since(SystemTime::now()).unwrap_or_default().max(Duration::from_millis(500))
+/// When to send the next SVID: at half the remaining lifetime of `not_after`.
+fn rotate_in(not_after: SystemTime) -> Duration {
+    let left = not_after.duration_since(SystemTime::now()).unwrap_or_default();
+    (left / 2).max(Duration::from_millis(500))
 }
 
 #[tonic::async_trait]
@@ -134,7 +133,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let mut snaps = self.auth.subscribe();
         let snap = snaps.borrow_and_update().clone();
         let first = self.auth.issue(&snap, &caller, &id).map_err(issue_error)?;
-        let mut next = rotate_in(&first.svid);
+        let mut next = rotate_in(first.svid.not_after);
         let (tx, rx) = mpsc::channel(2);
         let _ = tx.try_send(Ok(svid_response(first)));
         let (auth, mut stop) = (self.auth.clone(), self.stop.clone());
@@ -151,7 +150,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 tracing::debug!(spiffe_id = %id, pid = caller.pid, "new X509-SVID: {why}");
                 match auth.issue(&snap, &caller, &id) {
                     Ok(i) => {
-                        next = rotate_in(&i.svid);
+                        next = rotate_in(i.svid.not_after);
                         if tx.send(Ok(svid_response(i))).await.is_err() {
                             break;
                         }
