@@ -6,6 +6,9 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
 use nsm_api::connection::{Connection, Path, PathSegment};
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_api::networkservice::network_service_client::NetworkServiceClient;
@@ -92,7 +95,7 @@ async fn forged_tokens_and_foreign_registrations_are_refused_by_the_right_policy
                 exp: now() + 60,
                 iat: None,
             };
-            parts[1] = base64url(&serde_json::to_vec(&forged).unwrap());
+            parts[1] = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).unwrap());
             Some(parts.join("."))
         }),
         // Signed with our own key, in another identity's name.
@@ -192,19 +195,6 @@ async fn another_identity_cannot_close_or_refresh_a_connection_by_its_id() {
     assert!(ok, "{out}");
     let log = lab.log_tail(&node.nsmgr_name, 60);
     assert!(log.contains("for another identity refused"), "{log}");
-}
-
-fn base64url(b: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for c in b.chunks(3) {
-        let n =
-            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..=c.len() {
-            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
 }
 
 /// Tokens per path segment, as the endpoint sees its connection.
