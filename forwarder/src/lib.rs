@@ -13,40 +13,41 @@
 //! - [`alloc`]: WireGuard ports and VXLAN VNIs of this node.
 //! - [`sweep`]: removal of interfaces a killed previous run left behind.
 //!
+//! - [`ipcontext`]: addresses and routes on one end of any wire.
+//! - [`error`]: the one mapping of the forwarder's errors to gRPC statuses.
+//!
 //! # The Request chain
-//! `updatepath` → `begin` → `metadata` → `updatetoken` → `timeout` →
-//! `monitor` → `trimpath` → `discover` → `roundrobin` → `xconnect` →
-//! `connect` ⇒ client chain `updatepath` → `trimpath` client → gRPC call to
-//! the endpoint (unix) or to the endpoint node's nsmgr (TCP).
+//! The endpoint `prefix` ([`nsm_sdk::networkservice::chains`]; its begin
+//! passes Closes of unknown connections on, so a restarted forwarder still
+//! removes their wires), then `discover` → `roundrobin` → `xconnect` →
+//! `connect`.
+//!
+//! `connect` runs the passthrough client chain
+//! ([`nsm_sdk::networkservice::chains::passthrough_client`]) towards the
+//! endpoint (unix socket) or the endpoint node's nsmgr (TCP).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use nsm_api::connection::monitor_connection_server::MonitorConnectionServer;
 use nsm_api::registry::{NetworkServiceEndpoint, NetworkServiceLabels};
-use nsm_api::service_names;
-use nsm_sdk::networkservice::authorize::{AuthorizeClient, AuthorizeServer};
 use nsm_sdk::networkservice::begin::Begin;
-use nsm_sdk::networkservice::connect::{Connect, GrpcClient};
+use nsm_sdk::networkservice::chains::{Endpoint, Options, passthrough_client};
+use nsm_sdk::networkservice::connect::Connect;
 use nsm_sdk::networkservice::discover::{Discover, RoundRobin};
-use nsm_sdk::networkservice::metadata::Metadata;
-use nsm_sdk::networkservice::monitor::MonitorServer;
-use nsm_sdk::networkservice::server::ChainServer;
-use nsm_sdk::networkservice::timeout::Timeout;
-use nsm_sdk::networkservice::trimpath::TrimPath;
-use nsm_sdk::networkservice::updatepath::UpdatePath;
-use nsm_sdk::networkservice::updatetoken::UpdateToken;
-use nsm_sdk::networkservice::{Chain, Element};
 use nsm_sdk::registry::RemoteRegistry;
-use nsm_sdk::registry::client::register_nse_with_refresh;
+use nsm_sdk::registry::client::FirstRegistration;
 use nsm_sdk::tools::daemon::{self, CommonArgs, Security, parse_duration};
 use nsm_sdk::tools::grpc::{Listeners, parse_url};
 use nsm_sdk::tools::labels::parse_labels;
 use url::Url;
 
+pub use remote::MechanismKind;
+
 pub mod alloc;
+pub mod error;
+pub mod ipcontext;
 pub mod kernel;
 pub mod local;
 pub mod remote;
@@ -102,8 +103,8 @@ pub struct Config {
     pub mechanism_priority: Priority,
     /// WireGuard implementation: `auto` (kernel module if present, else
     /// embedded userspace), `kernel`, `userspace`, or `none`.
-    #[arg(long, env = "NSM_WIREGUARD_BACKEND", default_value = "auto", value_parser = ["auto", "kernel", "userspace", "none"])]
-    pub wireguard_backend: String,
+    #[arg(long, env = "NSM_WIREGUARD_BACKEND", value_enum, default_value = "auto")]
+    pub wireguard_backend: WireguardBackend,
     /// WireGuard persistent keepalive.
     #[arg(long, env = "NSM_WIREGUARD_KEEPALIVE", default_value = "10s", value_parser = parse_duration)]
     pub wireguard_keepalive: Duration,
@@ -121,33 +122,35 @@ pub struct Config {
     pub common: CommonArgs,
 }
 
-/// Mechanism types in preference order.
+/// `NSM_WIREGUARD_BACKEND`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireguardBackend {
+    /// The kernel module if the kernel can create a WireGuard link, else
+    /// the embedded userspace implementation.
+    Auto,
+    Kernel,
+    Userspace,
+    /// No WireGuard: VXLAN only.
+    None,
+}
+
+/// Remote mechanism types in preference order.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Priority(pub Vec<String>);
+pub struct Priority(pub Vec<MechanismKind>);
 
 fn parse_priority(s: &str) -> Result<Priority, String> {
     let mut v = vec![];
-    for t in s.split(',').map(|t| t.trim().to_ascii_uppercase()).filter(|t| !t.is_empty()) {
-        if t != nsm_api::mechanisms::types::VXLAN && t != nsm_api::mechanisms::types::WIREGUARD {
-            return Err(format!("unknown remote mechanism {t:?} (supported: VXLAN, WIREGUARD)"));
-        }
-        if !v.contains(&t) {
-            v.push(t);
+    for t in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let k = MechanismKind::parse(t)
+            .ok_or_else(|| format!("unknown remote mechanism {t:?} (supported: VXLAN, WIREGUARD)"))?;
+        if !v.contains(&k) {
+            v.push(k);
         }
     }
     if v.is_empty() {
         return Err("no mechanism given".into());
     }
     Ok(Priority(v))
-}
-
-/// State handles of a running forwarder, for tests and diagnostics.
-#[derive(Clone)]
-pub struct Handles {
-    pub monitor: MonitorServer,
-    pub begin: Arc<Begin>,
-    pub metadata: Arc<Metadata>,
-    pub remote: Option<Arc<remote::Remote>>,
 }
 
 /// The remote-mechanism machinery for `cfg`, or `None` without a tunnel IP.
@@ -164,15 +167,15 @@ pub async fn remote(cfg: &Config) -> anyhow::Result<Option<Arc<remote::Remote>>>
             1500
         }
     };
-    let wg: Option<Arc<dyn wireguard::WgBackend>> = match cfg.wireguard_backend.as_str() {
-        "none" => None,
-        "userspace" => Some(Arc::new(wireguard::Userspace)),
-        "kernel" => Some(wireguard::kernel_backend().ok_or_else(|| {
+    let wg: Option<Arc<dyn wireguard::WgBackend>> = match cfg.wireguard_backend {
+        WireguardBackend::None => None,
+        WireguardBackend::Userspace => Some(Arc::new(wireguard::Userspace)),
+        WireguardBackend::Kernel => Some(wireguard::kernel_backend().ok_or_else(|| {
             anyhow::anyhow!(
                 "NSM_WIREGUARD_BACKEND=kernel but the kernel cannot create WireGuard devices (module missing?)"
             )
         })?),
-        _ => Some(wireguard::probe()),
+        WireguardBackend::Auto => Some(wireguard::probe()),
     };
     let (lo, hi) = cfg.wireguard_ports;
     let rc = remote::RemoteConfig {
@@ -186,8 +189,8 @@ pub async fn remote(cfg: &Config) -> anyhow::Result<Option<Arc<remote::Remote>>>
         %tunnel_ip,
         underlay_mtu,
         vxlan_port = rc.vxlan_port,
-        wireguard = wg.as_ref().map(|w| w.kind()).unwrap_or("off"),
-        priority = %rc.priority.join(","),
+        wireguard = %wg.as_ref().map(|w| w.kind().to_string()).unwrap_or_else(|| "off".into()),
+        priority = %rc.priority.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(","),
         "remote mechanisms ready"
     );
     Ok(Some(remote::Remote::new(rc, node, wg, alloc::PortPool::new(lo, hi))))
@@ -201,46 +204,28 @@ pub fn owner_id(cfg: &Config) -> anyhow::Result<String> {
     Ok(format!("{}@{}", cfg.name, nsm_sdk::tools::netns::NetnsHandle::current()?.inode()))
 }
 
-/// Builds the forwarder chain; `owner` is [`owner_id`].
-pub fn chain(cfg: &Config, sec: &Security, remote: Option<Arc<remote::Remote>>, owner: &str) -> (Chain, Handles) {
+/// Builds the forwarder chain (see the module docs); `owner` is
+/// [`owner_id`].
+pub fn chain(cfg: &Config, sec: &Security, remote: Option<Arc<remote::Remote>>, owner: &str) -> Endpoint {
     let pool = sec.pool(cfg.dial_timeout);
+    // Registry lookups go through the nsmgr.
     let registry = RemoteRegistry::new(cfg.connect_to.clone(), pool.clone()).with_tokens(sec.tokens.clone());
-    let tokens = sec.tokens.clone();
-    let authorize = AuthorizeServer::new(sec.server.clone());
-    let monitor = sec.monitor();
-    // Closes of connections from before a restart still reach localkernel,
-    // which removes the interfaces by their alias.
-    let begin = Begin::passing_unknown_closes();
-    let metadata = Metadata::new();
-    let client = Chain::new(vec![
-        UpdatePath::new(&cfg.name),
-        TrimPath::client(),
-        // Check the tokens the next hop returned (client policies).
-        AuthorizeClient::new(sec.client.clone()),
-        // Calls the endpoint chosen by roundrobin.
-        GrpcClient::new(pool, tokens.clone()),
-    ]);
-    let elems: Vec<Arc<dyn Element>> = vec![
-        UpdatePath::new(&cfg.name),
-        begin.clone(),
-        UpdateToken::new(tokens),
-        // The caller's tokens: valid, unexpired, chained, signed by it.
-        authorize,
-        // Per-connection storage (after authorize, as upstream: a refused
-        // call never reaches it).
-        metadata.clone(),
-        Timeout::new(cfg.max_token_lifetime),
-        monitor.element(),
-        TrimPath::server(),
-        // Candidate endpoints from the registry (through the nsmgr).
-        Discover::new(Arc::new(registry.clone()), Arc::new(registry)),
-        // Try them in turn.
-        RoundRobin::new(),
-        // Build the wire (veth, or a tunnel end) once the far side answered.
-        xconnect::XConnect::new(owner, remote.clone()),
-        Connect::new(client),
-    ];
-    (Chain::new(elems), Handles { monitor, begin, metadata, remote })
+    let opts = Options { begin: Some(Begin::passing_unknown_closes()) };
+    Endpoint::with(
+        &cfg.name,
+        sec,
+        cfg.max_token_lifetime,
+        opts,
+        vec![
+            // Candidate endpoints from the registry.
+            Discover::new(Arc::new(registry.clone()), Arc::new(registry)),
+            // Try them in turn.
+            RoundRobin::new(),
+            // Build the wire (veth, or a tunnel end) once the far side answered.
+            xconnect::XConnect::new(owner, remote),
+            Connect::new(passthrough_client(&cfg.name, sec, pool)),
+        ],
+    )
 }
 
 /// Serves the forwarder on `listeners`, registered with the nsmgr, until
@@ -253,21 +238,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let remote = remote(&cfg).await?;
     let owner = owner_id(&cfg)?;
-    let (chain, h) = chain(&cfg, &sec, remote, &owner);
+    let ep = chain(&cfg, &sec, remote, &owner);
     let node = nsm_sdk::tools::netns::NetnsHandle::current()?;
     let grace = cfg.orphan_grace.unwrap_or(cfg.max_token_lifetime + Duration::from_secs(30));
-    let watched = sweep::start(&owner, &node, h.metadata.clone(), grace).await;
+    let watched = sweep::start(&owner, &node, ep.metadata.clone(), grace).await;
     if watched > 0 {
         tracing::info!(watched, "interfaces from a previous run are waiting to be adopted or removed");
     }
     let url = listeners.urls().first().cloned().ok_or_else(|| anyhow::anyhow!("nothing to listen on"))?;
-    let health = daemon::health_service(&[service_names::NETWORK_SERVICE, service_names::MONITOR_CONNECTION]).await;
-    let router = tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(ChainServer::new(chain).into_service())
-        .add_service(MonitorConnectionServer::new(h.monitor.clone()));
-    let server = tokio::spawn(daemon::serve_with(router, listeners, sec.tls.clone(), shutdown, Duration::from_secs(5)));
-
+    let router = daemon::endpoint_router(&ep, &[]).await;
     let registry =
         RemoteRegistry::new(cfg.connect_to.clone(), sec.pool(cfg.dial_timeout)).with_tokens(sec.tokens.clone());
     let me = NetworkServiceEndpoint {
@@ -280,34 +259,28 @@ pub async fn run(
         url: url.to_string(),
         ..Default::default()
     };
-    // Keep trying: the nsmgr may start after us.
-    let mut attempts = 0u32;
-    let guard = loop {
-        match register_nse_with_refresh(Arc::new(registry.clone()), me.clone(), cfg.registry_refresh).await {
-            Ok((_, g)) => break g,
-            Err(e) if server.is_finished() => {
-                return Err(anyhow::anyhow!("server stopped before registering: {}", e.message()));
-            }
-            Err(e) => {
-                if attempts.is_multiple_of(50) {
-                    tracing::warn!(nsmgr = %cfg.connect_to, error = %e.message(), "cannot register with the nsmgr yet; retrying");
-                }
-                attempts += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+    let registered = |_: &NetworkServiceEndpoint| {
+        tracing::info!(
+            name = %cfg.name,
+            listen_on = %url,
+            nsmgr = %cfg.connect_to,
+            spiffe_id = sec.spiffe_id().as_deref().unwrap_or("(insecure)"),
+            "forwarder registered and serving"
+        )
     };
-    tracing::info!(
-        name = %cfg.name,
-        listen_on = %url,
-        nsmgr = %cfg.connect_to,
-        spiffe_id = sec.spiffe_id().as_deref().unwrap_or("(insecure)"),
-        "forwarder registered and serving"
-    );
-    let res = server.await;
-    guard.stop().await;
-    res??;
-    Ok(())
+    // Keep trying to register: the nsmgr may start after us.
+    daemon::serve_registered(
+        router,
+        listeners,
+        &sec,
+        shutdown,
+        Arc::new(registry.clone()),
+        me,
+        cfg.registry_refresh,
+        FirstRegistration::Retry,
+        registered,
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -317,5 +290,31 @@ mod cli_tests {
     #[test]
     fn cli_is_well_formed() {
         super::Config::command().debug_assert();
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use clap::Parser;
+    use nsm_sdk::networkservice::chains::documented_chain;
+
+    use super::*;
+
+    #[test]
+    fn the_chain_is_what_the_module_docs_say() {
+        let cfg = Config::try_parse_from(["forwarder"]).unwrap();
+        let ep = chain(&cfg, &Security::insecure(Duration::from_secs(60)), None, "f@1");
+        assert_eq!(ep.chain.names(), documented_chain(include_str!("lib.rs")));
+    }
+
+    #[test]
+    fn priority_and_backend_parse() {
+        let c = Config::try_parse_from(["forwarder", "--mechanism-priority", "vxlan, WIREGUARD,vxlan"]).unwrap();
+        assert_eq!(c.mechanism_priority.0, [MechanismKind::Vxlan, MechanismKind::Wireguard]);
+        assert_eq!(c.wireguard_backend, WireguardBackend::Auto);
+        let e = Config::try_parse_from(["forwarder", "--mechanism-priority", "IPSEC"]).unwrap_err().to_string();
+        assert!(e.contains("IPSEC") && e.contains("supported: VXLAN, WIREGUARD"), "{e}");
+        let e = Config::try_parse_from(["forwarder", "--wireguard-backend", "vpp"]).unwrap_err().to_string();
+        assert!(e.contains("vpp"), "{e}");
     }
 }

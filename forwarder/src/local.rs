@@ -30,7 +30,6 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use nsm_api::connection::{Connection, Mechanism};
-use nsm_api::ext::Cidr;
 use nsm_api::mechanisms::{cls, kernel};
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_sdk::networkservice::chain::conn_mut;
@@ -39,7 +38,8 @@ use nsm_sdk::tools::netns::{self, NetnsHandle};
 use rand::Rng;
 use tonic::Status;
 
-use crate::kernel::{self as k, KernelError, VethEnd};
+use crate::ipcontext::{self, End};
+use crate::kernel::{self as k, VethEnd};
 
 /// What this forwarder built for one connection.
 #[derive(Clone)]
@@ -52,7 +52,7 @@ struct Wire {
     /// The mechanism the endpoint chose (sent back on refresh and Close).
     outgoing: Mechanism,
     /// The netns parameters the client sent, to notice a change on refresh.
-    client_key: (Option<String>, Option<String>),
+    client_key: NetnsKey,
 }
 
 /// The `localkernel` element.
@@ -77,13 +77,6 @@ impl LocalKernel {
     /// True if `meta` holds a veth wire built by this element.
     pub fn has_wire(meta: &nsm_sdk::networkservice::metadata::ConnMetadata) -> bool {
         meta.server_get::<Wire>().is_some()
-    }
-
-    /// The client netns parameters recorded for a veth wire.
-    pub fn client_netns_key(
-        meta: &nsm_sdk::networkservice::metadata::ConnMetadata,
-    ) -> Option<(Option<String>, Option<String>)> {
-        meta.server_get::<Wire>().map(|w| w.client_key)
     }
 }
 
@@ -127,22 +120,9 @@ pub fn kernel_incoming(req: &NetworkServiceRequest, prev_name: Option<String>) -
         Some(n) => n.clone(),
         None => prev_name.unwrap_or_else(|| generate_ifname(&svc)),
     };
-    k::validate_ifname(&name).map_err(kernel_error)?;
+    k::validate_ifname(&name)?;
     incoming.parameters.insert(kernel::NAME.to_string(), name);
     Ok(incoming)
-}
-
-/// Maps kernel errors to gRPC statuses.
-pub fn kernel_error(e: KernelError) -> Status {
-    match &e {
-        KernelError::NameTaken { .. } => Status::already_exists(e.to_string()),
-        KernelError::InvalidName { .. } => Status::invalid_argument(e.to_string()),
-        _ => Status::internal(e.to_string()),
-    }
-}
-
-fn netns_error(who: &str, e: netns::NetnsError) -> Status {
-    Status::failed_precondition(format!("cannot find the {who}'s network namespace: {e}"))
 }
 
 const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
@@ -175,8 +155,11 @@ pub fn stable_ifname(prefix: &str, conn_id: &str) -> String {
     format!("{}-{suffix}", ifname_prefix(prefix))
 }
 
+/// The netns parameters a mechanism carries (`inodeURL`, `netnsInode`).
+pub type NetnsKey = (Option<String>, Option<String>);
+
 /// The netns parameters of a mechanism (`inodeURL`, `netnsInode`).
-pub fn netns_key(m: &Mechanism) -> (Option<String>, Option<String>) {
+pub fn netns_key(m: &Mechanism) -> NetnsKey {
     (m.parameters.get(kernel::INODE_URL).cloned(), m.parameters.get(kernel::NETNS_INODE).cloned())
 }
 
@@ -187,13 +170,7 @@ pub async fn resolve_netns(m: &Mechanism, who: &'static str) -> Result<NetnsHand
     tokio::task::spawn_blocking(move || netns::resolve(url.as_deref(), ino.as_deref()))
         .await
         .map_err(|e| Status::internal(format!("netns lookup task failed: {e}")))?
-        .map_err(|e| netns_error(who, e))
-}
-
-fn parse_all(v: &[String], what: &str) -> Result<Vec<Cidr>, Status> {
-    v.iter()
-        .map(|s| Cidr::parse(s).ok_or_else(|| Status::invalid_argument(format!("{what} {s:?} is not addr/len"))))
-        .collect()
+        .map_err(|e| crate::error::netns(who, e))
 }
 
 /// Builds (or re-checks) the wire and applies the connection context.
@@ -201,22 +178,13 @@ async fn build(w: &Wire, conn: &Connection) -> Result<(), Status> {
     let _permit = k::BUILD_PERMITS.acquire().await.map_err(|_| Status::internal("build permits closed"))?;
     let ctx = conn.context.clone().unwrap_or_default();
     let ip = ctx.ip_context.clone().unwrap_or_default();
+    ipcontext::validate(&ip)?;
     let mtu = (ctx.mtu > 0).then_some(ctx.mtu);
     let a = VethEnd { netns: w.client_ns.clone(), name: w.client_if.clone(), alias: w.alias.clone(), mtu };
     let b = VethEnd { netns: w.nse_ns.clone(), name: w.nse_if.clone(), alias: w.alias.clone(), mtu };
-    k::ensure_veth_pair(&a, &b).await.map_err(kernel_error)?;
-    let src = parse_all(&ip.src_ip_addrs, "src_ip_addrs entry")?;
-    let dst = parse_all(&ip.dst_ip_addrs, "dst_ip_addrs entry")?;
-    k::apply_addresses(&w.client_ns, &w.client_if, &src).await.map_err(kernel_error)?;
-    k::apply_addresses(&w.nse_ns, &w.nse_if, &dst).await.map_err(kernel_error)?;
-    let mut client_routes = ip.dst_ip_routes();
-    client_routes.extend(ip.src_routes_with_explicit_next_hop());
-    let mut nse_routes = ip.src_ip_routes();
-    nse_routes.extend(ip.dst_routes_with_explicit_next_hop());
-    k::apply_routes(&w.client_ns, &w.client_if, &client_routes).await.map_err(kernel_error)?;
-    k::apply_routes(&w.nse_ns, &w.nse_if, &nse_routes).await.map_err(kernel_error)?;
-    k::open_ping_group_range(&w.client_ns).await.map_err(kernel_error)?;
-    Ok(())
+    k::ensure_veth_pair(&a, &b).await?;
+    ipcontext::apply(&w.client_ns, &w.client_if, &ip, End::Client).await?;
+    ipcontext::apply(&w.nse_ns, &w.nse_if, &ip, End::Endpoint).await
 }
 
 async fn teardown(w: &Wire) {
@@ -272,7 +240,7 @@ impl Element for LocalKernel {
                 .filter(|m| m.r#type == kernel::MECHANISM)
                 .ok_or_else(|| Status::internal("the endpoint answered without a KERNEL mechanism"))?;
             let nse_if = outgoing.parameters.get(kernel::NAME).cloned().unwrap_or(nse_if.clone());
-            k::validate_ifname(&nse_if).map_err(kernel_error)?;
+            k::validate_ifname(&nse_if)?;
             let nse_ns = match &prev {
                 Some(w) if netns_key(&w.outgoing) == netns_key(&outgoing) => w.nse_ns.clone(),
                 _ => resolve_netns(&outgoing, "endpoint").await?,
@@ -299,9 +267,7 @@ impl Element for LocalKernel {
             Ok(w) => w,
             Err(e) => {
                 if prev.is_none() {
-                    let mut cctx = ctx.detached(nsm_sdk::networkservice::connect::DEFAULT_CALL_TIMEOUT);
-                    cctx.meta = ctx.meta.clone();
-                    let _ = next.close(&mut cctx, res).await;
+                    next.undo(ctx, res).await;
                 }
                 return Err(e);
             }
@@ -310,9 +276,7 @@ impl Element for LocalKernel {
             tracing::warn!(conn_id = %res.id, error = %e.message(), "building the wire failed");
             if prev.is_none() {
                 teardown(&wire).await;
-                let mut cctx = ctx.detached(nsm_sdk::networkservice::connect::DEFAULT_CALL_TIMEOUT);
-                cctx.meta = ctx.meta.clone();
-                let _ = next.close(&mut cctx, res).await;
+                next.undo(ctx, res).await;
             }
             return Err(e);
         }

@@ -29,7 +29,7 @@ use nsm_sdk::networkservice::{Context, Element, Next};
 use tonic::Status;
 
 use crate::local::{self, LocalKernel, kernel_incoming, netns_key, resolve_netns};
-use crate::remote::Remote;
+use crate::remote::{ClientEnd, Remote};
 
 /// The `xconnect` element.
 pub struct XConnect {
@@ -108,7 +108,8 @@ impl Element for XConnect {
                     _ => resolve_netns(&incoming, "client").await?,
                 };
                 let alias = local::alias(&self.fwd, &conn_id);
-                remote.client_request(ctx, req, next, &meta, incoming, pod_ns, pod_if, alias, key).await
+                let end = ClientEnd { incoming, pod_ns, pod_if, alias, key };
+                remote.client_request(ctx, req, next, &meta, end).await
             }
             (true, false) => {
                 let remote = self.remote()?.clone();

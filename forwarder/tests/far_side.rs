@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use nsm_api::connection::{Connection, Mechanism, Path, PathSegment};
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_forwarder::alloc::PortPool;
-use nsm_forwarder::remote::{Remote, RemoteConfig};
+use nsm_forwarder::remote::{MechanismKind, Remote, RemoteConfig};
 use nsm_forwarder::xconnect::XConnect;
 use nsm_sdk::networkservice::begin::Begin;
 use nsm_sdk::networkservice::metadata::Metadata;
@@ -111,7 +111,7 @@ fn bad_answers_from_the_far_side_build_nothing() {
             RemoteConfig {
                 tunnel_ip: "10.77.7.1".parse().unwrap(),
                 vxlan_port: 4789,
-                priority: vec!["WIREGUARD".into(), "VXLAN".into()],
+                priority: vec![MechanismKind::Wireguard, MechanismKind::Vxlan],
                 keepalive: 10,
                 underlay_mtu: 1500,
             },

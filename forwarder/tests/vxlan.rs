@@ -1,17 +1,18 @@
 //! Real-kernel tests of the remote VXLAN plumbing (run as root): VXLAN
-//! devices created in a "node" namespace and moved into a "pod" namespace,
-//! two nodes joined by a veth underlay. Every namespace is a [`TestNetns`],
-//! deleted on drop (also when an assertion fails); deleting a node
-//! namespace also deletes every VXLAN device whose socket lives there, even
-//! the ones moved into pods. Nothing runs in the test process's own
-//! namespace.
+//! devices created in place in a "pod" namespace with their UDP socket in
+//! a "node" namespace (`create_vxlan_in`, what the forwarder does), two
+//! nodes joined by a veth underlay; and `move_and_rename`, which the kernel
+//! WireGuard backend uses. Every namespace is a [`TestNetns`], deleted on
+//! drop (also when an assertion fails); deleting a node namespace also
+//! deletes every VXLAN device whose socket lives there, even those in pods.
+//! Nothing runs in the test process's own namespace.
 #![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, UdpSocket};
 
 use nsm_api::ext::{Cidr, ResolvedRoute};
 use nsm_forwarder::kernel::{
-    KernelError, VNI_MAX, VethEnd, VxlanSpec, apply_addresses, apply_routes, create_vxlan, delete_link,
+    KernelError, VNI_MAX, VethEnd, VxlanSpec, apply_addresses, apply_routes, create_vxlan_in, delete_link,
     ensure_veth_pair, generate_vni, link_info, links_with_alias_prefix, move_and_rename, set_neighbor, underlay_mtu,
     validate_vni,
 };
@@ -73,11 +74,10 @@ fn spec(name: &str, vni: u32, local: &str, remote: &str, alias: &str, mac: Optio
     }
 }
 
-/// create → move+rename into the pod as `nsm-1` → address and a link route
-/// to the peer; returns the ifindex in the pod.
+/// Creates `s` in `pod` (socket in `node`) → address and a link route to
+/// the peer; returns the ifindex in the pod.
 async fn build(node: &TestNetns, pod: &TestNetns, s: &VxlanSpec, addr: &str, peer: &str) -> u32 {
-    create_vxlan(node.handle(), s).await.unwrap();
-    let idx = move_and_rename(node.handle(), &s.name, pod.handle(), POD_IF, &s.alias).await.unwrap();
+    let idx = create_vxlan_in(node.handle(), pod.handle(), s).await.unwrap();
     apply_addresses(pod.handle(), POD_IF, &[Cidr::parse(&format!("{addr}/32")).unwrap()]).await.unwrap();
     let route = ResolvedRoute { prefix: Cidr::parse(&format!("{peer}/32")).unwrap(), next_hop: None };
     apply_routes(pod.handle(), POD_IF, &[route]).await.unwrap();
@@ -86,8 +86,8 @@ async fn build(node: &TestNetns, pod: &TestNetns, s: &VxlanSpec, addr: &str, pee
 
 /// The standard two-pod tunnel with VNI `vni`.
 async fn tunnel_pair(t: &Topo, vni: u32, macs: Option<([u8; 6], [u8; 6])>) -> (VxlanSpec, VxlanSpec) {
-    let s1 = spec("vxt-a", vni, NODE1_IP, NODE2_IP, "nsm-vxtest-1", macs.map(|m| m.0));
-    let s2 = spec("vxt-b", vni, NODE2_IP, NODE1_IP, "nsm-vxtest-2", macs.map(|m| m.1));
+    let s1 = spec(POD_IF, vni, NODE1_IP, NODE2_IP, "nsm-vxtest-1", macs.map(|m| m.0));
+    let s2 = spec(POD_IF, vni, NODE2_IP, NODE1_IP, "nsm-vxtest-2", macs.map(|m| m.1));
     build(&t.n1, &t.p1, &s1, POD1_IP, POD2_IP).await;
     build(&t.n2, &t.p2, &s2, POD2_IP, POD1_IP).await;
     (s1, s2)
@@ -118,11 +118,12 @@ fn vxlan_devices(ns: &TestNetns) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vxlan_between_two_nodes_pings_both_ways() {
     let t = Topo::new().await;
-    let (s1, _s2) = tunnel_pair(&t, 4242, None).await;
+    tunnel_pair(&t, 4242, None).await;
 
-    // The temporary name is gone from the node; the pod's interface is the
-    // tunnel device itself, with our alias, MTU and up.
-    assert!(link_info(t.n1.handle(), &s1.name).await.unwrap().is_none());
+    // Nothing in the node but the underlay; the pod's interface is the
+    // tunnel device itself, with our alias, MTU and up, its socket in the
+    // node (link-netns).
+    assert!(vxlan_devices(&t.n1).trim().is_empty());
     let l = link_info(t.p1.handle(), POD_IF).await.unwrap().expect("nsm-1 in pod 1");
     assert_eq!(l.kind.as_deref(), Some("vxlan"));
     assert_eq!(l.alias, "nsm-vxtest-1");
@@ -202,48 +203,53 @@ async fn vxlan_ip_payload_with_permanent_neighbours() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vxlan_create_and_move_are_idempotent() {
+async fn vxlan_created_in_place_is_idempotent_and_repaired() {
     let t = Topo::new().await;
-    let s = spec("vxt-idem", 300, NODE1_IP, NODE2_IP, "nsm-vxtest-idem", Some(MAC1));
-    let a = create_vxlan(t.n1.handle(), &s).await.unwrap();
-    let b = create_vxlan(t.n1.handle(), &s).await.unwrap();
+    let s = spec(POD_IF, 300, NODE1_IP, NODE2_IP, "nsm-vxtest-idem", Some(MAC1));
+    let a = create_vxlan_in(t.n1.handle(), t.p1.handle(), &s).await.unwrap();
+    let b = create_vxlan_in(t.n1.handle(), t.p1.handle(), &s).await.unwrap();
     assert_eq!(a, b);
 
     // Drift (MTU, down) is repaired without recreating.
-    ok_output(&t.n1.exec(&["ip", "link", "set", &s.name, "down", "mtu", "1400"]));
-    assert_eq!(create_vxlan(t.n1.handle(), &s).await.unwrap(), a);
-    let l = link_info(t.n1.handle(), &s.name).await.unwrap().unwrap();
-    assert_eq!((l.mtu, l.admin_up, l.index), (Some(1450), true, a));
+    ok_output(&t.p1.exec(&["ip", "link", "set", POD_IF, "down", "mtu", "1400"]));
+    assert_eq!(create_vxlan_in(t.n1.handle(), t.p1.handle(), &s).await.unwrap(), a);
+    let l = link_info(t.p1.handle(), POD_IF).await.unwrap().unwrap();
+    assert_eq!((l.mtu, l.admin_up, l.index, l.alias.as_str()), (Some(1450), true, a, "nsm-vxtest-idem"));
 
     // Ours with other parameters: replaced.
     let other = VxlanSpec { remote: ip("10.77.0.3"), ..s.clone() };
-    create_vxlan(t.n1.handle(), &other).await.unwrap();
-    let d = vxlan_devices(&t.n1);
+    create_vxlan_in(t.n1.handle(), t.p1.handle(), &other).await.unwrap();
+    let d = vxlan_devices(&t.p1);
     assert!(d.contains("remote 10.77.0.3") && !d.contains("remote 10.77.0.2"), "{d}");
-    let a = create_vxlan(t.n1.handle(), &s).await.unwrap();
-    assert!(vxlan_devices(&t.n1).contains("remote 10.77.0.2"));
+    create_vxlan_in(t.n1.handle(), t.p1.handle(), &s).await.unwrap();
+    assert!(vxlan_devices(&t.p1).contains("remote 10.77.0.2"));
+    assert!(vxlan_devices(&t.n1).trim().is_empty(), "nothing ever lands in the node");
+}
 
-    let i1 = move_and_rename(t.n1.handle(), &s.name, t.p1.handle(), POD_IF, &s.alias).await.unwrap();
-    let i2 = move_and_rename(t.n1.handle(), &s.name, t.p1.handle(), POD_IF, &s.alias).await.unwrap();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_and_rename_is_idempotent_and_reassigns_a_taken_ifindex() {
+    let t = Topo::new().await;
+    ok_output(&t.n1.exec(&["ip", "link", "add", "mv-a", "type", "veth", "peer", "name", "mv-b"]));
+    ok_output(&t.n1.exec(&["ip", "link", "set", "mv-a", "alias", "nsm-vxtest-mv"]));
+    let a = link_info(t.n1.handle(), "mv-a").await.unwrap().unwrap().index;
+    let i1 = move_and_rename(t.n1.handle(), "mv-a", t.p1.handle(), POD_IF, "nsm-vxtest-mv").await.unwrap();
+    let i2 = move_and_rename(t.n1.handle(), "mv-a", t.p1.handle(), POD_IF, "nsm-vxtest-mv").await.unwrap();
     assert_eq!(i1, i2);
     // The ifindex was free in the pod, so the kernel kept it.
     assert_eq!(i1, a);
     let l = link_info(t.p1.handle(), POD_IF).await.unwrap().unwrap();
-    assert_eq!((l.index, l.alias.as_str(), l.admin_up), (i1, "nsm-vxtest-idem", true));
-    assert!(link_info(t.n1.handle(), &s.name).await.unwrap().is_none());
+    assert_eq!((l.index, l.alias.as_str(), l.admin_up), (i1, "nsm-vxtest-mv", true));
+    assert!(link_info(t.n1.handle(), "mv-a").await.unwrap().is_none());
 
     // Nothing to move and nothing in the pod: the source is named.
-    let e = move_and_rename(t.n1.handle(), "vxt-none", t.p1.handle(), "nsm-9", &s.alias).await.unwrap_err();
-    assert!(matches!(&e, KernelError::LinkNotFound { name, .. } if name == "vxt-none"), "{e}");
-}
+    let e = move_and_rename(t.n1.handle(), "mv-none", t.p1.handle(), "nsm-9", "nsm-vxtest-mv").await.unwrap_err();
+    assert!(matches!(&e, KernelError::LinkNotFound { name, .. } if name == "mv-none"), "{e}");
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vxlan_ifindex_taken_in_pod_is_reassigned() {
-    let t = Topo::new().await;
-    let s = spec("vxt-idx", 301, NODE1_IP, NODE2_IP, "nsm-vxtest-idx", None);
-    let a = create_vxlan(t.n1.handle(), &s).await.unwrap();
-    let idx = a.to_string();
-    ok_output(&t.p1.exec(&[
+    // An ifindex taken in the target is reassigned.
+    ok_output(&t.n1.exec(&["ip", "link", "add", "mv-c", "type", "veth", "peer", "name", "mv-d"]));
+    let c = link_info(t.n1.handle(), "mv-c").await.unwrap().unwrap().index;
+    let idx = c.to_string();
+    ok_output(&t.p2.exec(&[
         "ip",
         "link",
         "add",
@@ -256,21 +262,20 @@ async fn vxlan_ifindex_taken_in_pod_is_reassigned() {
         "name",
         "blocker-p",
     ]));
-    let b = move_and_rename(t.n1.handle(), &s.name, t.p1.handle(), POD_IF, &s.alias).await.unwrap();
-    assert_ne!(a, b, "the pod already uses ifindex {a}");
-    let l = link_info(t.p1.handle(), POD_IF).await.unwrap().unwrap();
-    assert_eq!((l.index, l.alias.as_str()), (b, "nsm-vxtest-idx"));
+    let b = move_and_rename(t.n1.handle(), "mv-c", t.p2.handle(), POD_IF, "nsm-vxtest-mv2").await.unwrap();
+    assert_ne!(c, b, "the pod already uses ifindex {c}");
+    let l = link_info(t.p2.handle(), POD_IF).await.unwrap().unwrap();
+    assert_eq!((l.index, l.alias.as_str()), (b, "nsm-vxtest-mv2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vxlan_name_collisions_leave_nothing_behind() {
     let t = Topo::new().await;
-    let s = spec("vxt-col", 400, NODE1_IP, NODE2_IP, "nsm-vxtest-col", None);
+    let s = spec(POD_IF, 400, NODE1_IP, NODE2_IP, "nsm-vxtest-col", None);
 
     // nsm-1 already in the pod, not ours (no alias).
     ok_output(&t.p1.exec(&["ip", "link", "add", POD_IF, "type", "veth", "peer", "name", "nsm-1p"]));
-    let a = create_vxlan(t.n1.handle(), &s).await.unwrap();
-    let e = move_and_rename(t.n1.handle(), &s.name, t.p1.handle(), POD_IF, &s.alias).await.unwrap_err();
+    let e = create_vxlan_in(t.n1.handle(), t.p1.handle(), &s).await.unwrap_err();
     match &e {
         KernelError::NameTaken { netns, name, alias_found } => {
             assert_eq!(name, POD_IF);
@@ -279,111 +284,95 @@ async fn vxlan_name_collisions_leave_nothing_behind() {
         }
         other => panic!("expected NameTaken, got {other}"),
     }
-    // The device stayed in the node, unchanged; the pod's nsm-1 untouched.
-    let l = link_info(t.n1.handle(), &s.name).await.unwrap().expect("still in the node");
-    assert_eq!(l.index, a);
+    // The pod's nsm-1 is untouched; no VXLAN device anywhere.
     assert_eq!(link_info(t.p1.handle(), POD_IF).await.unwrap().unwrap().kind.as_deref(), Some("veth"));
-    assert!(!vxlan_devices(&t.p1).contains("vxlan"));
-    assert!(delete_link(t.n1.handle(), &s.name, Some(&s.alias)).await.unwrap());
+    assert!(vxlan_devices(&t.p1).trim().is_empty());
     assert!(vxlan_devices(&t.n1).trim().is_empty());
 
-    // The temporary name taken in the node by something else.
-    ok_output(&t.n1.exec(&["ip", "link", "add", &s.name, "type", "veth", "peer", "name", "vxt-col-p"]));
-    ok_output(&t.n1.exec(&["ip", "link", "set", &s.name, "alias", "someone-else"]));
-    let e = create_vxlan(t.n1.handle(), &s).await.unwrap_err();
-    assert!(matches!(&e, KernelError::NameTaken { alias_found, .. } if alias_found == "someone-else"), "{e}");
-    assert!(e.to_string().contains(t.n1.name()), "{e}");
-    // ... and it is not moved either: its alias is neither ours nor empty.
-    let e = move_and_rename(t.n1.handle(), &s.name, t.p2.handle(), "nsm-2", &s.alias).await.unwrap_err();
+    // A device of that name in the *node* is no collision: nothing is ever
+    // named there.
+    ok_output(&t.n1.exec(&["ip", "link", "add", POD_IF, "type", "veth", "peer", "name", "nsm-1q"]));
+    ok_output(&t.n1.exec(&["ip", "link", "set", POD_IF, "alias", "someone-else"]));
+    create_vxlan_in(t.n1.handle(), t.p2.handle(), &s).await.unwrap();
+    assert_eq!(link_info(t.p2.handle(), POD_IF).await.unwrap().unwrap().kind.as_deref(), Some("vxlan"));
+    assert_eq!(link_info(t.n1.handle(), POD_IF).await.unwrap().unwrap().alias, "someone-else");
+
+    // A move onto a name with a foreign alias is refused, and the device stays.
+    ok_output(&t.n1.exec(&["ip", "link", "add", "mv-x", "type", "veth", "peer", "name", "mv-y"]));
+    ok_output(&t.n1.exec(&["ip", "link", "set", "mv-x", "alias", "someone-else"]));
+    let e = move_and_rename(t.n1.handle(), "mv-x", t.p2.handle(), "nsm-2", &s.alias).await.unwrap_err();
     assert!(matches!(&e, KernelError::NameTaken { netns, .. } if netns.contains(t.n1.name())), "{e}");
-    assert_eq!(link_info(t.n1.handle(), &s.name).await.unwrap().unwrap().kind.as_deref(), Some("veth"));
-    assert!(vxlan_devices(&t.n1).trim().is_empty());
+    assert!(link_info(t.n1.handle(), "mv-x").await.unwrap().is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vxlan_invalid_vni_is_refused_before_the_kernel() {
     let t = Topo::new().await;
     for vni in [0, 1 << 24] {
-        let s = spec("vxt-bad", vni, NODE1_IP, NODE2_IP, "nsm-vxtest-bad", None);
-        let e = create_vxlan(t.n1.handle(), &s).await.unwrap_err();
+        let s = spec(POD_IF, vni, NODE1_IP, NODE2_IP, "nsm-vxtest-bad", None);
+        let e = create_vxlan_in(t.n1.handle(), t.p1.handle(), &s).await.unwrap_err();
         assert!(matches!(e, KernelError::InvalidVni { vni: v } if v == vni), "{e}");
         assert!(e.to_string().contains(&vni.to_string()), "{e}");
     }
-    assert!(vxlan_devices(&t.n1).trim().is_empty());
+    assert!(vxlan_devices(&t.p1).trim().is_empty());
     assert_eq!(validate_vni(VNI_MAX).unwrap(), VNI_MAX);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vxlan_duplicate_vni_on_the_same_port_is_refused() {
     let t = Topo::new().await;
-    let a = spec("vxt-a", 5000, NODE1_IP, NODE2_IP, "nsm-vxtest-a", None);
-    create_vxlan(t.n1.handle(), &a).await.unwrap();
+    let a = spec(POD_IF, 5000, NODE1_IP, NODE2_IP, "nsm-vxtest-a", None);
+    create_vxlan_in(t.n1.handle(), t.p1.handle(), &a).await.unwrap();
 
-    // Same VNI and port towards another remote: the kernel says EEXIST.
-    let b = spec("vxt-b", 5000, NODE1_IP, "10.77.0.3", "nsm-vxtest-b", None);
-    let e = create_vxlan(t.n1.handle(), &b).await.unwrap_err();
+    // Same VNI and port towards another remote, from the same node (socket
+    // namespace), into another pod: the kernel says EEXIST.
+    let b = spec(POD_IF, 5000, NODE1_IP, "10.77.0.3", "nsm-vxtest-b", None);
+    let e = create_vxlan_in(t.n1.handle(), t.p2.handle(), &b).await.unwrap_err();
     match &e {
         KernelError::VniInUse { vni, port, netns, name, .. } => {
-            assert_eq!((*vni, *port, name.as_str()), (5000, 4789, "vxt-b"));
-            assert!(netns.contains(t.n1.name()), "{netns}");
+            assert_eq!((*vni, *port, name.as_str()), (5000, 4789, POD_IF));
+            assert!(netns.contains(t.n1.name()), "the socket's namespace is named: {netns}");
         }
         other => panic!("expected VniInUse, got {other}"),
     }
     let msg = e.to_string();
     assert!(msg.contains("5000") && msg.contains("4789"), "{msg}");
-    assert!(link_info(t.n1.handle(), "vxt-b").await.unwrap().is_none());
+    assert!(link_info(t.p2.handle(), POD_IF).await.unwrap().is_none());
 
     // Another local address does not help either.
-    let c = VxlanSpec { name: "vxt-c".into(), local: ip("10.77.0.5"), ..b.clone() };
-    assert!(matches!(create_vxlan(t.n1.handle(), &c).await, Err(KernelError::VniInUse { .. })));
+    let c = VxlanSpec { local: ip("10.77.0.5"), ..b.clone() };
+    assert!(matches!(create_vxlan_in(t.n1.handle(), t.p2.handle(), &c).await, Err(KernelError::VniInUse { .. })));
 
     // Same VNI on another port, or in the other family: accepted.
-    let d = VxlanSpec { name: "vxt-d".into(), port: 4790, ..b.clone() };
-    create_vxlan(t.n1.handle(), &d).await.unwrap();
-    let v6 = VxlanSpec { name: "vxt-v6".into(), local: ip("fd00:77::1"), remote: ip("fd00:77::2"), ..b.clone() };
-    create_vxlan(t.n1.handle(), &v6).await.unwrap();
-    let v6d = ok_output(&t.n1.exec(&["ip", "-d", "link", "show", "vxt-v6"]));
+    let d = VxlanSpec { name: "nsm-2".into(), port: 4790, ..b.clone() };
+    create_vxlan_in(t.n1.handle(), t.p2.handle(), &d).await.unwrap();
+    let v6 = VxlanSpec { name: "nsm-3".into(), local: ip("fd00:77::1"), remote: ip("fd00:77::2"), ..b.clone() };
+    create_vxlan_in(t.n1.handle(), t.p2.handle(), &v6).await.unwrap();
+    let v6d = ok_output(&t.p2.exec(&["ip", "-d", "link", "show", "nsm-3"]));
     assert!(v6d.contains("noudp6zerocsumtx") && v6d.contains("noudp6zerocsumrx"), "{v6d}");
 
-    // A device moved into a pod still holds its VNI in the node.
-    move_and_rename(t.n1.handle(), &a.name, t.p1.handle(), POD_IF, &a.alias).await.unwrap();
-    assert!(matches!(create_vxlan(t.n1.handle(), &b).await, Err(KernelError::VniInUse { vni: 5000, .. })));
-    // ... until it is deleted.
+    // The VNI is free again once the first device is deleted.
     assert!(delete_link(t.p1.handle(), POD_IF, Some(&a.alias)).await.unwrap());
-    create_vxlan(t.n1.handle(), &b).await.unwrap();
+    create_vxlan_in(t.n1.handle(), t.p2.handle(), &b).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vxlan_port_in_use_is_reported_and_cleaned_up() {
     let t = Topo::new().await;
-    let s = spec("vxt-port", 600, NODE1_IP, NODE2_IP, "nsm-vxtest-port", None);
+    let s = spec(POD_IF, 600, NODE1_IP, NODE2_IP, "nsm-vxtest-port", None);
     let sock = t.n1.handle().run(|| UdpSocket::bind("10.77.0.1:4789")).await.unwrap().unwrap();
 
-    let e = create_vxlan(t.n1.handle(), &s).await.unwrap_err();
+    let e = create_vxlan_in(t.n1.handle(), t.p1.handle(), &s).await.unwrap_err();
     match &e {
-        KernelError::PortInUse { port, netns, name } => {
-            assert_eq!((*port, name.as_str()), (4789, "vxt-port"));
-            assert!(netns.contains(t.n1.name()), "{netns}");
-        }
+        KernelError::PortInUse { port, name, .. } => assert_eq!((*port, name.as_str()), (4789, POD_IF)),
         other => panic!("expected PortInUse, got {other}"),
     }
     assert!(e.to_string().contains("4789"), "{e}");
-    assert!(link_info(t.n1.handle(), &s.name).await.unwrap().is_none());
+    assert!(link_info(t.p1.handle(), POD_IF).await.unwrap().is_none(), "the half-built device is removed");
     assert!(vxlan_devices(&t.n1).trim().is_empty());
 
     drop(sock);
-    create_vxlan(t.n1.handle(), &s).await.unwrap();
-
-    // The port taken while the device is down (the move closes it, bringing
-    // it up in the pod binds again in the node): reported by the move, and
-    // the device is removed rather than left down in the pod.
-    ok_output(&t.n1.exec(&["ip", "link", "set", &s.name, "down"]));
-    let sock = t.n1.handle().run(|| UdpSocket::bind("0.0.0.0:4789")).await.unwrap().unwrap();
-    let e = move_and_rename(t.n1.handle(), &s.name, t.p1.handle(), POD_IF, &s.alias).await.unwrap_err();
-    assert!(matches!(&e, KernelError::PortInUse { port: 4789, netns, .. } if netns.contains(t.n1.name())), "{e}");
-    assert!(link_info(t.p1.handle(), POD_IF).await.unwrap().is_none());
-    assert!(link_info(t.n1.handle(), &s.name).await.unwrap().is_none());
-    drop(sock);
+    create_vxlan_in(t.n1.handle(), t.p1.handle(), &s).await.unwrap();
 }
 
 #[test]
@@ -440,9 +429,12 @@ async fn all_netns_finds_test_namespace_by_inode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_move_rename_is_not_atomic_and_keeps_the_alias() {
     let t = Topo::new().await;
-    let s = spec("vxt-k1", 700, NODE1_IP, NODE2_IP, "nsm-vxtest-k1", None);
-    create_vxlan(t.n1.handle(), &s).await.unwrap();
-    ok_output(&t.n1.exec(&["ip", "link", "set", &s.name, "netns", t.p1.name(), "name", "nsm-k1"]));
+    let veth = |name: &str, alias: &str| {
+        ok_output(&t.n1.exec(&["ip", "link", "add", name, "type", "veth", "peer", "name", &format!("{name}p")]));
+        ok_output(&t.n1.exec(&["ip", "link", "set", name, "alias", alias]));
+    };
+    veth("vxt-k1", "nsm-vxtest-k1");
+    ok_output(&t.n1.exec(&["ip", "link", "set", "vxt-k1", "netns", t.p1.name(), "name", "nsm-k1"]));
     // Moved and renamed; the alias survived the move.
     let l = link_info(t.p1.handle(), "nsm-k1").await.unwrap().unwrap();
     assert_eq!(l.alias, "nsm-vxtest-k1");
@@ -450,14 +442,13 @@ async fn kernel_move_rename_is_not_atomic_and_keeps_the_alias() {
 
     // New name taken in the target: the request fails with EEXIST, but the
     // device has been moved anyway, under its old name.
-    let s2 = spec("vxt-k2", 701, NODE1_IP, NODE2_IP, "nsm-vxtest-k2", None);
-    create_vxlan(t.n1.handle(), &s2).await.unwrap();
+    veth("vxt-k2", "nsm-vxtest-k2");
     ok_output(&t.p1.exec(&["ip", "link", "add", "nsm-k2", "type", "veth", "peer", "name", "nsm-k2p"]));
-    let o = t.n1.exec(&["ip", "link", "set", &s2.name, "netns", t.p1.name(), "name", "nsm-k2"]);
+    let o = t.n1.exec(&["ip", "link", "set", "vxt-k2", "netns", t.p1.name(), "name", "nsm-k2"]);
     assert!(!o.status.success() && text(&o).contains("File exists"), "{}", text(&o));
-    assert!(link_info(t.n1.handle(), &s2.name).await.unwrap().is_none());
-    let stray = link_info(t.p1.handle(), &s2.name).await.unwrap().expect("moved under the old name");
-    assert_eq!(stray.kind.as_deref(), Some("vxlan"));
+    assert!(link_info(t.n1.handle(), "vxt-k2").await.unwrap().is_none());
+    let stray = link_info(t.p1.handle(), "vxt-k2").await.unwrap().expect("moved under the old name");
+    assert_eq!(stray.kind.as_deref(), Some("veth"));
 }
 
 /// A device without alias (e.g. a TUN made by a library) can be moved and

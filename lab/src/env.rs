@@ -15,7 +15,6 @@
 //!   order (SIGTERM, then SIGKILL after 3 s), deletes the namespaces and the
 //!   state directory — also when a test panics.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -391,6 +390,8 @@ impl Lab {
         for ns in self.netns.drain(..).rev() {
             let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
         }
+        // A forwarder that had to be killed leaves its UAPI sockets.
+        sweep_uapi_sockets();
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -473,22 +474,39 @@ fn rand_suffix() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
+/// True if process `pid` is alive (not a zombie) and runs a program from
+/// `bin_dir`: one of its command-line words is a path directly inside
+/// `bin_dir` (the daemon itself, or the `setpriv`/`ip netns exec` wrapper
+/// that is about to exec it). The only check before the lab signals a
+/// recorded pid: a pid reused by an unrelated process, or a state file
+/// without a binary directory (empty or relative), never matches.
+pub fn runs_binary_from(pid: u32, bin_dir: &Path) -> bool {
+    if !bin_dir.is_absolute() || bin_dir.parent().is_none() {
+        return false;
+    }
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat.rsplit(") ").next().is_some_and(|r| r.starts_with('Z'));
+    if stat.is_empty() || zombie {
+        return false;
+    }
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    cmdline
+        .split(|b| *b == 0)
+        .filter_map(|w| std::str::from_utf8(w).ok())
+        .any(|w| Path::new(w).parent() == Some(bin_dir))
+}
+
+/// The recorded state of lab `prefix`, if any.
+fn read_state(prefix: &str) -> Option<State> {
+    let b = fs::read(Path::new(STATE_ROOT).join(prefix).join("state.json")).ok()?;
+    serde_json::from_slice::<State>(&b).ok()
+}
+
 /// Daemons of lab `prefix` that are still running (by their recorded pid
 /// and binary directory).
 fn running_daemons(prefix: &str) -> Vec<String> {
-    let dir = Path::new(STATE_ROOT).join(prefix);
-    let Ok(b) = fs::read(dir.join("state.json")) else { return vec![] };
-    let Ok(st) = serde_json::from_slice::<State>(&b) else { return vec![] };
-    st.pids
-        .iter()
-        .filter(|(_, pid)| {
-            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let zombie = stat.rsplit(") ").next().is_some_and(|r| r.starts_with('Z'));
-            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            !zombie && String::from_utf8_lossy(&cmdline).contains(&*st.bin_dir.to_string_lossy())
-        })
-        .map(|(n, p)| format!("{n} pid {p}"))
-        .collect()
+    let Some(st) = read_state(prefix) else { return vec![] };
+    st.pids.iter().filter(|(_, pid)| runs_binary_from(*pid, &st.bin_dir)).map(|(n, p)| format!("{n} pid {p}")).collect()
 }
 
 /// What [`down`] removed.
@@ -496,40 +514,49 @@ fn running_daemons(prefix: &str) -> Vec<String> {
 pub struct DownReport {
     pub killed: Vec<String>,
     pub netns: Vec<String>,
+    /// Stale WireGuard UAPI sockets.
+    pub sockets: Vec<PathBuf>,
+}
+
+/// Removes the UAPI sockets of the lab's WireGuard devices (`nsmwg-*` in
+/// `/var/run/wireguard`) that no process serves any more; live ones (a
+/// running forwarder's, also another lab's) are kept.
+fn sweep_uapi_sockets() -> Vec<PathBuf> {
+    nsm_sdk::tools::unixsock::remove_unserved(Path::new("/var/run/wireguard"), "nsmwg-", ".sock")
 }
 
 /// Removes everything a lab with `prefix` left: its recorded daemons (only
 /// if the pid still runs a binary from the recorded directory, so a reused
-/// pid is never killed), every namespace named `<prefix>-*`, and the state
-/// directory.
+/// pid is never killed: [`runs_binary_from`]), every namespace named
+/// `<prefix>-*`, WireGuard UAPI sockets nobody serves any more (a forwarder
+/// killed with -9 leaves them), and the state directory.
 pub fn down(prefix: &str) -> anyhow::Result<DownReport> {
     let mut rep = DownReport::default();
     let dir = Path::new(STATE_ROOT).join(prefix);
-    if let Ok(b) = fs::read(dir.join("state.json"))
-        && let Ok(st) = serde_json::from_slice::<State>(&b)
-    {
-        let mut pids: HashMap<u32, String> = HashMap::new();
-        for (name, pid) in st.pids.iter().rev() {
-            pids.insert(*pid, name.clone());
-            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if !st.bin_dir.as_os_str().is_empty() && cmdline.contains(&*st.bin_dir.to_string_lossy()) {
-                let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
-                rep.killed.push(name.clone());
-            }
+    if let Some(st) = read_state(prefix) {
+        let ours: Vec<(u32, String)> = st
+            .pids
+            .iter()
+            .rev()
+            .filter(|(_, pid)| runs_binary_from(*pid, &st.bin_dir))
+            .map(|(n, p)| (*p, n.clone()))
+            .collect();
+        for (pid, name) in &ours {
+            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
+            rep.killed.push(name.clone());
         }
         // Give them a moment to close connections, then make sure.
         let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(3) && pids.keys().any(|p| Path::new(&format!("/proc/{p}")).exists()) {
+        while t0.elapsed() < Duration::from_secs(3) && ours.iter().any(|(p, _)| runs_binary_from(*p, &st.bin_dir)) {
             std::thread::sleep(Duration::from_millis(50));
         }
-        for pid in pids.keys() {
-            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains(&*st.bin_dir.to_string_lossy()) {
+        for (pid, _) in &ours {
+            if runs_binary_from(*pid, &st.bin_dir) {
                 let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
             }
         }
     }
+    rep.sockets = sweep_uapi_sockets();
     let want = format!("{prefix}-");
     if let Ok(rd) = fs::read_dir("/run/netns") {
         for e in rd.flatten() {
@@ -542,4 +569,42 @@ pub fn down(prefix: &str) -> anyhow::Result<DownReport> {
     }
     let _ = fs::remove_dir_all(&dir);
     Ok(rep)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_live_process_of_the_recorded_binaries_counts_as_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        fs::create_dir(&bin).unwrap();
+        let sleepy = bin.join("sleepy");
+        fs::copy("/bin/sleep", &sleepy).unwrap();
+        let mut ours = Command::new(&sleepy).arg("30").spawn().unwrap();
+        let mut theirs = Command::new("sleep").arg("30").spawn().unwrap();
+        let (o, t) = (ours.id(), theirs.id());
+        assert!(runs_binary_from(o, &bin));
+        assert!(!runs_binary_from(t, &bin), "an unrelated process (a reused pid) is not ours");
+        // A state file without a usable binary directory matches nothing,
+        // in particular not every process.
+        for bad in ["", "bin", "/"] {
+            assert!(!runs_binary_from(o, Path::new(bad)), "{bad:?}");
+            assert!(!runs_binary_from(t, Path::new(bad)), "{bad:?}");
+        }
+        assert!(!runs_binary_from(o, dir.path()), "only binaries directly in the directory");
+        // A zombie (killed, not yet reaped) and a gone pid are not ours.
+        kill(Pid::from_raw(o as i32), Signal::SIGKILL).unwrap();
+        let t0 = Instant::now();
+        while runs_binary_from(o, &bin) {
+            assert!(t0.elapsed() < Duration::from_secs(5), "a zombie still counts");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        ours.wait().unwrap();
+        assert!(!runs_binary_from(o, &bin));
+        theirs.kill().unwrap();
+        theirs.wait().unwrap();
+    }
 }

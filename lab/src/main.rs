@@ -80,10 +80,11 @@ async fn main() {
         Cmd::Down => match down(&cli.prefix) {
             Ok(r) => {
                 nsm_lab::say!(
-                    "removed lab {:?}: {} processes stopped, {} namespaces deleted",
+                    "removed lab {:?}: {} processes stopped, {} namespaces deleted, {} stale WireGuard sockets removed",
                     cli.prefix,
                     r.killed.len(),
-                    r.netns.len()
+                    r.netns.len(),
+                    r.sockets.len()
                 );
             }
             Err(e) => {

@@ -74,7 +74,7 @@ async fn assert_clean(lab: &Lab, pods: &[&str], nodes: &[&mesh::Node]) {
 }
 
 fn wg_socket(forwarder_conn_id: &str) -> std::path::PathBuf {
-    let name = nsm_forwarder::remote::node_ifname("WIREGUARD", forwarder_conn_id);
+    let name = nsm_forwarder::remote::node_ifname(nsm_forwarder::MechanismKind::Wireguard, forwarder_conn_id);
     std::path::PathBuf::from(format!("/var/run/wireguard/{name}.sock"))
 }
 
@@ -271,6 +271,36 @@ async fn killed_forwarders_leave_no_orphans() {
     assert!(links(&lab, &wgn.netns).unwrap().is_empty());
     assert_eq!(links(&lab, &n1.netns).unwrap(), ["eth0"]);
     assert_eq!(links(&lab, &n2.netns).unwrap(), ["eth0"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_down_after_a_forwarder_was_killed_leaves_no_uapi_socket() {
+    let mut lab = mesh::test_lab("wgdown");
+    let topo = cluster::build(&mut lab, 1, 2, &NodeOpts::default()).await.unwrap();
+    let (n1, n2) = (topo.node(1, 1).clone(), topo.node(1, 2).clone());
+    mesh::start_nse(&mut lab, &n2, "nse-wg", "wg", "172.16.42.0/31", &[("NSM_PAYLOAD", "IP".into())]).await.unwrap();
+    let pod = lab.add_netns("pod").unwrap();
+    let r = nsc_init(&lab, &n1, &pod, "nsc", "kernel://wg/nsm-1", &[]).unwrap();
+    assert!(r.ok, "{}", r.stderr);
+    let wg_ids: Vec<String> = connections(&lab, &n1.forwarder_url)
+        .await
+        .unwrap()
+        .into_iter()
+        .chain(connections(&lab, &n2.forwarder_url).await.unwrap())
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(wg_ids.len(), 2);
+    for id in &wg_ids {
+        assert!(wg_socket(id).exists(), "{} missing", wg_socket(id).display());
+    }
+    // kill -9 (nothing closes its devices), then `nsm-lab down`.
+    lab.signal(&n1.forwarder_name, Signal::SIGKILL).unwrap();
+    lab.signal(&n2.forwarder_name, Signal::SIGKILL).unwrap();
+    let rep = nsm_lab::down(lab.prefix()).unwrap();
+    for id in &wg_ids {
+        assert!(!wg_socket(id).exists(), "UAPI socket {} left after nsm-lab down", wg_socket(id).display());
+    }
+    assert!(rep.sockets.len() >= 2, "{rep:?}");
 }
 
 /// Sends a request with the given REMOTE preference straight to the

@@ -150,9 +150,6 @@ impl Element for KernelClient {
         }
         next.request(ctx, req).await
     }
-    async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
-        next.close(ctx, conn).await
-    }
 }
 
 /// One established connection and how long it took.

@@ -12,8 +12,8 @@
 //! - [`chain`], [`run`]: the endpoint chain and the daemon.
 //!
 //! # The Request chain
-//! `updatepath` → `begin` → `metadata` → `updatetoken` → `timeout` →
-//! `monitor` → `trimpath` → `point2pointipam` → `mechanisms{KERNEL}`.
+//! The endpoint `prefix` ([`nsm_sdk::networkservice::chains`]), then
+//! `point2pointipam` → `mechanisms` (KERNEL: [`KernelEndpoint`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,26 +22,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use clap::Parser;
 use ipnetwork::IpNetwork;
-use nsm_api::connection::monitor_connection_server::MonitorConnectionServer;
 use nsm_api::connection::{Connection, Mechanism};
 use nsm_api::mechanisms::{kernel, payload};
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_api::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceLabels};
-use nsm_api::service_names;
 use nsm_sdk::ipam::point2point::Point2PointIpam;
-use nsm_sdk::networkservice::authorize::AuthorizeServer;
-use nsm_sdk::networkservice::begin::Begin;
 use nsm_sdk::networkservice::chain::conn_mut;
+use nsm_sdk::networkservice::chains::Endpoint;
+use nsm_sdk::networkservice::connect::DEFAULT_CALL_TIMEOUT;
 use nsm_sdk::networkservice::mechanisms::Mechanisms;
-use nsm_sdk::networkservice::metadata::Metadata;
-use nsm_sdk::networkservice::monitor::MonitorServer;
-use nsm_sdk::networkservice::server::ChainServer;
-use nsm_sdk::networkservice::timeout::Timeout;
-use nsm_sdk::networkservice::trimpath::TrimPath;
-use nsm_sdk::networkservice::updatepath::UpdatePath;
-use nsm_sdk::networkservice::updatetoken::UpdateToken;
-use nsm_sdk::networkservice::{Chain, Context, Element, Next};
-use nsm_sdk::registry::client::register_nse_with_refresh;
+use nsm_sdk::networkservice::timeout::AbortOnDrop;
+use nsm_sdk::networkservice::{Context, Element, Next};
+use nsm_sdk::registry::client::FirstRegistration;
 use nsm_sdk::registry::{NsRegistry, RemoteRegistry};
 use nsm_sdk::tools::daemon::{self, CommonArgs, Security, parse_duration};
 use nsm_sdk::tools::grpc::{Listeners, parse_url};
@@ -138,43 +130,47 @@ impl Element for KernelEndpoint {
         }
         next.request(ctx, req).await
     }
-
-    async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
-        next.close(ctx, conn).await
-    }
 }
 
-/// State handles of a running endpoint (tests, diagnostics).
-#[derive(Clone)]
-pub struct Handles {
-    pub monitor: MonitorServer,
-    pub begin: Arc<Begin>,
-    pub ipam: Arc<Point2PointIpam>,
-}
-
-/// Builds the endpoint chain.
-pub fn chain(cfg: &Config, sec: &Security) -> anyhow::Result<(Chain, Handles)> {
-    let tokens = sec.tokens.clone();
-    let authorize = AuthorizeServer::new(sec.server.clone());
-    let monitor = sec.monitor();
-    let begin = Begin::new();
+/// The endpoint chain (see the module docs) and its IPAM.
+pub fn chain(cfg: &Config, sec: &Security) -> anyhow::Result<(Endpoint, Arc<Point2PointIpam>)> {
     let ipam = Point2PointIpam::new(&cfg.cidr_prefix)?;
-    let elems: Vec<Arc<dyn Element>> = vec![
-        UpdatePath::new(&cfg.name),
-        begin.clone(),
-        UpdateToken::new(tokens),
-        // The caller's tokens: valid, unexpired, chained, signed by it (plus
-        // NSM_POLICY_FILES).
-        authorize,
-        // After authorize: a refused call never reaches per-connection state.
-        Metadata::new(),
-        Timeout::new(cfg.max_token_lifetime),
-        monitor.element(),
-        TrimPath::server(),
-        ipam.clone(),
-        Mechanisms::new(vec![(kernel::MECHANISM, Arc::new(KernelEndpoint) as Arc<dyn Element>)]),
-    ];
-    Ok((Chain::new(elems), Handles { monitor, begin, ipam }))
+    let ep = Endpoint::new(
+        &cfg.name,
+        sec,
+        cfg.max_token_lifetime,
+        vec![ipam.clone(), Mechanisms::new(vec![(kernel::MECHANISM, Arc::new(KernelEndpoint) as Arc<dyn Element>)])],
+    );
+    Ok((ep, ipam))
+}
+
+/// Registers the network services this endpoint provides and keeps them
+/// registered: service records have no expiry, but a restarted in-memory
+/// registry forgets them, so they are re-registered every `every`.
+async fn register_services(reg: &RemoteRegistry, cfg: &Config) -> anyhow::Result<AbortOnDrop> {
+    let services: Vec<NetworkService> = cfg
+        .service_names
+        .iter()
+        .map(|s| NetworkService { name: s.clone(), payload: cfg.payload.clone(), ..Default::default() })
+        .collect();
+    for ns in &services {
+        let ctx = Context::with_timeout(DEFAULT_CALL_TIMEOUT);
+        NsRegistry::register(reg, &ctx, ns.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("registering network service {:?}: {}", ns.name, e.message()))?;
+    }
+    let (reg, every) = (reg.clone(), cfg.registry_refresh);
+    Ok(AbortOnDrop::new(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            for ns in &services {
+                let ctx = Context::with_timeout(DEFAULT_CALL_TIMEOUT);
+                if let Err(e) = NsRegistry::register(&reg, &ctx, ns.clone()).await {
+                    tracing::warn!(service = %ns.name, error = %e.message(), "re-registering the network service failed");
+                }
+            }
+        }
+    })))
 }
 
 /// Serves the endpoint on `listeners` and keeps it registered through the
@@ -185,46 +181,12 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (chain, h) = chain(&cfg, &sec)?;
+    let (ep, _ipam) = chain(&cfg, &sec)?;
     let url = listeners.urls().first().cloned().ok_or_else(|| anyhow::anyhow!("nothing to listen on"))?;
-    let health = daemon::health_service(&[service_names::NETWORK_SERVICE, service_names::MONITOR_CONNECTION]).await;
-    let router = tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(ChainServer::new(chain).into_service())
-        .add_service(MonitorConnectionServer::new(h.monitor.clone()));
-    let server = tokio::spawn(daemon::serve_with(router, listeners, sec.tls.clone(), shutdown, Duration::from_secs(5)));
-
+    let router = daemon::endpoint_router(&ep, &[]).await;
     let registry =
         RemoteRegistry::new(cfg.connect_to.clone(), sec.pool(cfg.dial_timeout)).with_tokens(sec.tokens.clone());
-    let services: Vec<NetworkService> = cfg
-        .service_names
-        .iter()
-        .map(|s| NetworkService { name: s.clone(), payload: cfg.payload.clone(), ..Default::default() })
-        .collect();
-    let _ns_refresh = if cfg.register_service {
-        for ns in &services {
-            let ctx = Context::with_timeout(Duration::from_secs(15));
-            NsRegistry::register(&registry, &ctx, ns.clone())
-                .await
-                .map_err(|e| anyhow::anyhow!("registering network service {:?}: {}", ns.name, e.message()))?;
-        }
-        // Service records have no expiry, but a restarted in-memory registry
-        // forgets them: re-register them as often as the endpoint refreshes.
-        let (reg, every) = (registry.clone(), cfg.registry_refresh);
-        Some(nsm_sdk::networkservice::timeout::AbortOnDrop::new(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                for ns in &services {
-                    let ctx = Context::with_timeout(Duration::from_secs(15));
-                    if let Err(e) = NsRegistry::register(&reg, &ctx, ns.clone()).await {
-                        tracing::warn!(service = %ns.name, error = %e.message(), "re-registering the network service failed");
-                    }
-                }
-            }
-        })))
-    } else {
-        None
-    };
+    let _ns_refresh = if cfg.register_service { Some(register_services(&registry, &cfg).await?) } else { None };
     let me = NetworkServiceEndpoint {
         name: cfg.name.clone(),
         network_service_names: cfg.service_names.clone(),
@@ -236,21 +198,28 @@ pub async fn run(
         url: url.to_string(),
         ..Default::default()
     };
-    let (_, guard) = register_nse_with_refresh(Arc::new(registry), me, cfg.registry_refresh)
-        .await
-        .map_err(|e| anyhow::anyhow!("registering endpoint {:?}: {}", cfg.name, e.message()))?;
-    tracing::info!(
-        name = %cfg.name,
-        services = ?cfg.service_names,
-        cidr = ?cfg.cidr_prefix.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-        listen_on = %url,
-        spiffe_id = sec.spiffe_id().as_deref().unwrap_or("(insecure)"),
-        "endpoint registered and serving"
-    );
-    let res = server.await;
-    guard.stop().await;
-    res??;
-    Ok(())
+    let registered = |_: &NetworkServiceEndpoint| {
+        tracing::info!(
+            name = %cfg.name,
+            services = ?cfg.service_names,
+            cidr = ?cfg.cidr_prefix.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            listen_on = %url,
+            spiffe_id = sec.spiffe_id().as_deref().unwrap_or("(insecure)"),
+            "endpoint registered and serving"
+        )
+    };
+    daemon::serve_registered(
+        router,
+        listeners,
+        &sec,
+        shutdown,
+        Arc::new(registry.clone()),
+        me,
+        cfg.registry_refresh,
+        FirstRegistration::Fail,
+        registered,
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -260,5 +229,21 @@ mod cli_tests {
     #[test]
     fn cli_is_well_formed() {
         super::Config::command().debug_assert();
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use std::time::Duration;
+
+    use clap::Parser;
+    use nsm_sdk::networkservice::chains::documented_chain;
+    use nsm_sdk::tools::daemon::Security;
+
+    #[test]
+    fn the_chain_is_what_the_module_docs_say() {
+        let cfg = super::Config::try_parse_from(["nse"]).unwrap();
+        let (ep, _) = super::chain(&cfg, &Security::insecure(Duration::from_secs(60))).unwrap();
+        assert_eq!(ep.chain.names(), documented_chain(include_str!("lib.rs")));
     }
 }

@@ -11,10 +11,14 @@
 //! - [`discoverforwarder`], [`netnsowner`]: nsmgr-specific chain elements.
 //!
 //! # The Request chain
-//! `updatepath` → `begin` → `metadata` → `updatetoken` → `authorize` → `interdomain` → `netnsowner` →
-//! `timeout` → `monitor` → `trimpath` → `clientinfo` → `discoverforwarder` →
-//! `connect` ⇒ client chain `updatepath` (same name: same path segment) →
-//! `trimpath` client → `authorize` client → gRPC call to the forwarder.
+//! The endpoint `prefix` ([`nsm_sdk::networkservice::chains`]), then
+//! `interdomain` → `netnsowner` → `clientinfo` → `discoverforwarder` →
+//! `connect`.
+//!
+//! `connect` runs the passthrough client chain
+//! ([`nsm_sdk::networkservice::chains::passthrough_client`]) towards the
+//! forwarder `discoverforwarder` picked; its `updatepath` has the nsmgr's
+//! name, so the nsmgr keeps one path segment.
 //!
 //! Registry calls: `updatepath`/`updatetoken` → `authorize` (registry
 //! policies, first-registrant ownership) → relay or store.
@@ -25,20 +29,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use nsm_api::connection::monitor_connection_server::MonitorConnectionServer;
 use nsm_api::service_names;
-use nsm_sdk::networkservice::authorize::{AuthorizeClient, AuthorizeServer};
-use nsm_sdk::networkservice::begin::Begin;
+use nsm_sdk::networkservice::chains::{Endpoint, passthrough_client};
 use nsm_sdk::networkservice::clientinfo::{ClientInfo, info_labels};
-use nsm_sdk::networkservice::connect::{Connect, GrpcClient};
-use nsm_sdk::networkservice::metadata::Metadata;
-use nsm_sdk::networkservice::monitor::MonitorServer;
-use nsm_sdk::networkservice::server::ChainServer;
-use nsm_sdk::networkservice::timeout::Timeout;
-use nsm_sdk::networkservice::trimpath::TrimPath;
-use nsm_sdk::networkservice::updatepath::UpdatePath;
-use nsm_sdk::networkservice::updatetoken::UpdateToken;
-use nsm_sdk::networkservice::{Chain, Element};
+use nsm_sdk::networkservice::connect::Connect;
 use nsm_sdk::registry::authorize::{Authorize as RegAuthorize, UpdatePath as RegUpdatePath};
 use nsm_sdk::registry::memory::MemoryRegistry;
 use nsm_sdk::registry::{NsRegistry, NsRegistryServer, NseRegistry, NseRegistryServer, RemoteRegistry};
@@ -71,10 +65,10 @@ pub struct Config {
     )]
     pub listen_on: UrlList,
     /// Registry to relay registrations to (`tcp://host:port` or
-    /// `host:port`). Empty: keep an in-memory registry in this nsmgr
+    /// `host:port`). Unset: keep an in-memory registry in this nsmgr
     /// (single-node setups).
-    #[arg(long, env = "NSM_REGISTRY_URL", default_value = "")]
-    pub registry_url: String,
+    #[arg(long, env = "NSM_REGISTRY_URL", value_parser = parse_url)]
+    pub registry_url: Option<Url>,
     /// Timeout for dialing forwarders and the registry.
     #[arg(long, env = "NSM_DIAL_TIMEOUT", default_value = "750ms", value_parser = parse_duration)]
     pub dial_timeout: Duration,
@@ -124,16 +118,6 @@ pub fn public_url(bound: &[Url]) -> Option<Url> {
     }
 }
 
-/// Handles to the running nsmgr's state, for tests and diagnostics.
-#[derive(Clone)]
-pub struct Handles {
-    pub monitor: MonitorServer,
-    pub begin: Arc<Begin>,
-    pub metadata: Arc<Metadata>,
-    pub relay: Arc<registry::NseRelay>,
-    pub authorize: Arc<AuthorizeServer>,
-}
-
 /// Builds the nsmgr and serves it on `listeners` until `shutdown`.
 pub async fn run(
     cfg: Config,
@@ -144,108 +128,81 @@ pub async fn run(
     let public = public_url(listeners.urls())
         .or_else(|| listeners.urls().first().cloned())
         .ok_or_else(|| anyhow::anyhow!("NSM_LISTEN_ON is empty"))?;
-    let (router, _h) = build(&cfg, &sec, &public)?;
+    let router = router(&cfg, &sec, &public).await;
     tracing::info!(
         name = %cfg.name,
         listen_on = ?listeners.urls().iter().map(Url::as_str).collect::<Vec<_>>(),
         public_url = %public,
-        registry = %if cfg.registry_url.is_empty() { "in-memory" } else { &cfg.registry_url },
+        registry = %cfg.registry_url.as_ref().map(Url::as_str).unwrap_or("in-memory"),
         spiffe_id = sec.spiffe_id().as_deref().unwrap_or("(insecure)"),
         "nsmgr serving"
     );
-    daemon::serve_with(router.await, listeners, sec.tls.clone(), shutdown, Duration::from_secs(5)).await?;
+    daemon::serve_with(router, listeners, sec.tls.clone(), shutdown, Duration::from_secs(5)).await?;
     Ok(())
 }
 
-type RouterFut = std::pin::Pin<Box<dyn std::future::Future<Output = tonic::transport::server::Router> + Send>>;
+/// The registry the nsmgr uses: `NSM_REGISTRY_URL`, or an in-memory one.
+fn registries(cfg: &Config, sec: &Security) -> (Arc<dyn NsRegistry>, Arc<dyn NseRegistry>) {
+    match &cfg.registry_url {
+        None => {
+            let m = MemoryRegistry::new();
+            (Arc::new(m.clone()), Arc::new(m))
+        }
+        Some(u) => {
+            let r = RemoteRegistry::new(u.clone(), sec.pool(cfg.dial_timeout)).with_tokens(sec.tokens.clone());
+            (Arc::new(r.clone()), Arc::new(r))
+        }
+    }
+}
+
+/// The nsmgr's NetworkService chain (see the module docs) over the
+/// registries `ns_reg` and `relay`.
+pub fn chain(
+    cfg: &Config,
+    sec: &Security,
+    public: &Url,
+    ns_reg: Arc<dyn NsRegistry>,
+    relay: Arc<registry::NseRelay>,
+) -> Endpoint {
+    let pool = sec.pool(cfg.dial_timeout);
+    Endpoint::new(
+        &cfg.name,
+        sec,
+        cfg.max_token_lifetime,
+        vec![
+            // `svc@<our domain>` from another cluster is our `svc`.
+            interdomain::Interdomain::new(&cfg.domain),
+            // A client may only ask for interfaces in its own netns.
+            netnsowner::NetnsOwner::new(cfg.client_netns_check),
+            // nodeName/podName/clusterName labels for `matches`.
+            ClientInfo::new(&cfg.node_name, &cfg.pod_name, &cfg.cluster_name),
+            // Check the service exists; pick a forwarder of this node.
+            discoverforwarder::DiscoverForwarder::new(ns_reg, relay, &cfg.forwarder_service, public.as_str()),
+            // Hand over to the forwarder.
+            Connect::new(passthrough_client(&cfg.name, sec, pool)),
+        ],
+    )
+}
 
 /// Assembles the chains and services.
-pub fn build(cfg: &Config, sec: &Security, public: &Url) -> anyhow::Result<(RouterFut, Handles)> {
-    let pool = sec.pool(cfg.dial_timeout);
-    let (ns_reg, nse_store): (Arc<dyn NsRegistry>, Arc<dyn NseRegistry>) = if cfg.registry_url.is_empty() {
-        let m = MemoryRegistry::new();
-        (Arc::new(m.clone()), Arc::new(m))
-    } else {
-        let u = parse_url(&cfg.registry_url)?;
-        let r = RemoteRegistry::new(u, pool.clone()).with_tokens(sec.tokens.clone());
-        (Arc::new(r.clone()), Arc::new(r))
-    };
+pub async fn router(cfg: &Config, sec: &Security, public: &Url) -> tonic::transport::server::Router {
+    let (ns_reg, nse_store) = registries(cfg, sec);
     let labels: BTreeMap<String, String> = info_labels(&cfg.node_name, &cfg.pod_name, &cfg.cluster_name);
     let relay = registry::NseRelay::new(nse_store, public.as_str(), labels, cfg.expire_period);
-
-    let tokens = sec.tokens.clone();
-    let authorize = AuthorizeServer::new(sec.server.clone());
-    let monitor = sec.monitor();
-    let begin = Begin::new();
-    let metadata = Metadata::new();
-    let client = Chain::new(vec![
-        // Same name as the server side: the nsmgr keeps one path segment.
-        UpdatePath::new(&cfg.name),
-        // Marks us as a passthrough so the downstream path is kept.
-        TrimPath::client(),
-        // Check the tokens the forwarder returned (client policies).
-        AuthorizeClient::new(sec.client.clone()),
-        // Calls the forwarder chosen by discoverforwarder.
-        GrpcClient::new(pool.clone(), tokens.clone()),
-    ]);
-    let chain: Vec<Arc<dyn Element>> = vec![
-        // Our path segment and connection id.
-        UpdatePath::new(&cfg.name),
-        // One event at a time per connection; refresh = repeat.
-        begin.clone(),
-        // Record the caller's token expiry, mint ours.
-        UpdateToken::new(tokens.clone()),
-        // The caller's tokens: valid, unexpired, chained, signed by it.
-        authorize.clone(),
-        // Per-connection storage for the elements below (after authorize:
-        // a refused call never reaches per-connection state).
-        metadata.clone(),
-        // `svc@<our domain>` from another cluster is our `svc`.
-        interdomain::Interdomain::new(&cfg.domain),
-        // A client may only ask for interfaces in its own netns.
-        netnsowner::NetnsOwner::new(cfg.client_netns_check),
-        // Close connections whose client stopped refreshing.
-        Timeout::new(cfg.max_token_lifetime),
-        // Feed MonitorConnections.
-        monitor.element(),
-        // Keep the downstream path (we are a passthrough).
-        TrimPath::server(),
-        // nodeName/podName/clusterName labels for `matches`.
-        ClientInfo::new(&cfg.node_name, &cfg.pod_name, &cfg.cluster_name),
-        // Check the service exists; pick a forwarder of this node.
-        discoverforwarder::DiscoverForwarder::new(
-            ns_reg.clone(),
-            relay.clone(),
-            &cfg.forwarder_service,
-            public.as_str(),
-        ),
-        // Hand over to the forwarder.
-        Connect::new(client),
-    ];
-    let handles = Handles { monitor: monitor.clone(), begin, metadata, relay: relay.clone(), authorize };
+    let ep = chain(cfg, sec, public, ns_reg.clone(), relay.clone());
+    tracing::debug!(chain = ?ep.chain, "nsmgr chain");
     // Registry calls: path and tokens, then policies and first-registrant
     // ownership, then the relay (nsm-spec §2.6).
+    let tokens = sec.tokens.clone();
     let ns_server = NsRegistryServer(RegUpdatePath::ns(RegAuthorize::ns(ns_reg, sec.registry.clone()), tokens.clone()));
-    let nse_server =
-        NseRegistryServer(RegUpdatePath::nse(RegAuthorize::nse(relay, sec.registry.clone()), tokens.clone()));
-    let chain = Chain::new(chain);
-    tracing::debug!(chain = ?chain, "nsmgr chain");
-    let fut = async move {
-        let health = daemon::health_service(&[
-            service_names::NETWORK_SERVICE,
-            service_names::MONITOR_CONNECTION,
-            service_names::NETWORK_SERVICE_REGISTRY,
-            service_names::NETWORK_SERVICE_ENDPOINT_REGISTRY,
-        ])
-        .await;
-        tonic::transport::Server::builder()
-            .add_service(health)
-            .add_service(ChainServer::new(chain).into_service())
-            .add_service(MonitorConnectionServer::new(monitor))
-            .add_service(ns_server.into_service())
-            .add_service(nse_server.into_service())
-    };
-    Ok((Box::pin(fut), handles))
+    let nse_server = NseRegistryServer(RegUpdatePath::nse(RegAuthorize::nse(relay, sec.registry.clone()), tokens));
+    daemon::endpoint_router(
+        &ep,
+        &[service_names::NETWORK_SERVICE_REGISTRY, service_names::NETWORK_SERVICE_ENDPOINT_REGISTRY],
+    )
+    .await
+    .add_service(ns_server.into_service())
+    .add_service(nse_server.into_service())
 }
 
 #[cfg(test)]
@@ -287,5 +244,32 @@ mod config_tests {
         let bound = vec![parse_url("tcp://10.1.2.3:5001").unwrap()];
         assert_eq!(public_url(&bound).unwrap().as_str(), "tcp://10.1.2.3:5001");
         assert!(public_url(&[parse_url("unix:///a.sock").unwrap()]).is_none());
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use nsm_sdk::networkservice::chains::documented_chain;
+
+    use super::*;
+
+    #[test]
+    fn the_chain_is_what_the_module_docs_say() {
+        let cfg = Config::try_parse_from(["nsmgr"]).unwrap();
+        let sec = Security::insecure(Duration::from_secs(60));
+        let public = parse_url("tcp://127.0.0.1:5001").unwrap();
+        let (ns, nse) = registries(&cfg, &sec);
+        let relay = registry::NseRelay::new(nse, public.as_str(), BTreeMap::new(), cfg.expire_period);
+        let ep = chain(&cfg, &sec, &public, ns, relay);
+        assert_eq!(ep.chain.names(), documented_chain(include_str!("lib.rs")));
+    }
+
+    #[test]
+    fn a_bad_registry_url_is_a_usage_error() {
+        let e = Config::try_parse_from(["nsmgr", "--registry-url", "http://registry:5002"]).unwrap_err();
+        assert!(e.use_stderr());
+        assert!(e.to_string().contains("http://registry:5002"), "{e}");
+        let c = Config::try_parse_from(["nsmgr", "--registry-url", "registry:5002"]).unwrap();
+        assert_eq!(c.registry_url.unwrap().as_str(), "tcp://registry:5002");
     }
 }

@@ -165,10 +165,6 @@ impl Element for NetnsOwner {
         }
         Ok(conn)
     }
-
-    async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
-        next.close(ctx, conn).await
-    }
 }
 
 #[cfg(test)]
@@ -218,9 +214,6 @@ mod tests {
         ) -> Result<Connection, Status> {
             *self.0.lock().unwrap() = req.mechanism_preferences[0].parameters.get(kernel::NETNS_INODE).cloned();
             next.request(ctx, req).await
-        }
-        async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
-            next.close(ctx, conn).await
         }
     }
 

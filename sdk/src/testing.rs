@@ -167,9 +167,6 @@ impl Element for Slow {
         self.active.fetch_sub(1, Ordering::SeqCst);
         next.request(ctx, req).await
     }
-    async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
-        next.close(ctx, conn).await
-    }
 }
 
 /// Captures the [`EventFactory`] that `begin` installed.
@@ -191,9 +188,6 @@ impl Element for GrabEvents {
     async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = ctx.events.clone();
         next.request(ctx, req).await
-    }
-    async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
-        next.close(ctx, conn).await
     }
 }
 

@@ -39,7 +39,7 @@ pub static BUILD_PERMITS: tokio::sync::Semaphore = tokio::sync::Semaphore::const
 pub use route::apply_routes;
 pub use tunnel::{links_with_alias_prefix, move_and_rename, set_alias, set_neighbor, underlay_mtu};
 pub use veth::{VethEnd, VethPair, ensure_veth_pair};
-pub use vxlan::{DEFAULT_VXLAN_PORT, VNI_MAX, VxlanSpec, create_vxlan, create_vxlan_in, generate_vni, validate_vni};
+pub use vxlan::{DEFAULT_VXLAN_PORT, VNI_MAX, VxlanSpec, create_vxlan_in, generate_vni, validate_vni};
 
 /// Linux `IFNAMSIZ - 1`.
 pub const IFNAMSIZ_MAX: usize = 15;

@@ -1,14 +1,11 @@
 //! Kernel VXLAN devices for the remote VXLAN mechanism, and VNI choice.
 //!
-//! The forwarder runs in the node's namespace. [`create_vxlan_in`] (what
-//! the forwarder uses) creates the VXLAN netdev directly in the pod from a
-//! netlink socket in the node namespace: the kernel binds its UDP socket in
-//! the node namespace (the device's link-netns), and the device is the
-//! pod's interface itself (`ip -d link` in the pod shows `vxlan id <vni> ...
-//! link-netns <node>`). [`create_vxlan`] creates it in the node namespace
-//! instead, for a caller that moves it later with
-//! [`move_and_rename`](super::move_and_rename) (same layout, plus the cost
-//! of a netdev move).
+//! The forwarder runs in the node's namespace. [`create_vxlan_in`] creates
+//! the VXLAN netdev directly in the pod from a netlink socket in the node
+//! namespace: the kernel binds its UDP socket in the node namespace (the
+//! device's link-netns), and the device is the pod's interface itself (`ip
+//! -d link` in the pod shows `vxlan id <vni> ... link-netns <node>`). It
+//! never appears in the node namespace, so no name there can collide.
 //!
 //! # Guarantees
 //! - The device is created with a unicast `remote` (no multicast group, no
@@ -18,17 +15,18 @@
 //!   MAC of the [`VxlanSpec`] set in the creating request. Its alias (which
 //!   marks it as ours; the kernel ignores `IFLA_IFALIAS` at creation) is set
 //!   right after, together with `IFF_UP`.
-//! - It is left up in the node namespace. The kernel binds the VXLAN UDP
-//!   socket only when a device goes up, so this is what surfaces a port
+//! - It is left up. The kernel binds the VXLAN UDP socket (in the node
+//!   namespace) only when a device goes up, so this is what surfaces a port
 //!   held by another socket ([`KernelError::PortInUse`], EADDRINUSE).
-//! - Idempotent: a device of that name with our alias and the same VNI,
+//! - Idempotent, judged in the pod: a device of that name with our alias
+//!   and the same VNI,
 //!   local, remote and port is reused (MTU, MAC and up state are fixed if
 //!   they drifted). A device of that name with our alias but other
 //!   parameters is deleted and recreated. A device of that name with another
 //!   alias is left alone ([`KernelError::NameTaken`]).
 //! - Anything created here is deleted again if a later step fails, so on
-//!   error no device of that name is left in the node namespace (unless one
-//!   that is not ours was already there).
+//!   error no device of that name is left in the pod (unless one that is not
+//!   ours was already there).
 //!
 //! # What the kernel refuses (checked on Linux 6.18)
 //! - **VNI** (`RTM_NEWLINK` fails with EEXIST, extack "A VXLAN device with the
@@ -37,8 +35,8 @@
 //!   the same address family (and receive flags such as GBP). Remote, local
 //!   address and `dev` binding do **not** matter: VNI 100 towards 10.0.0.2
 //!   and VNI 100 towards 10.0.0.3 on port 4789 cannot coexist in one node
-//!   namespace, and a device that was moved into a pod still holds its VNI
-//!   in the node namespace. The same VNI on another port, or in the other
+//!   namespace, also when they live in different pods: a device in a pod
+//!   holds its VNI in the namespace of its socket. The same VNI on another port, or in the other
 //!   address family, is accepted. Reported as [`KernelError::VniInUse`].
 //!   Hence VNIs must be unique per (port, family) on the node, which is
 //!   stricter than the upstream (src_ip, vni) rule of [`generate_vni`]: the
@@ -48,12 +46,6 @@
 //!   port in that namespace, on the wildcard or on a specific address,
 //!   IPv4 or dual-stack IPv6. VXLAN devices with the same flags share one
 //!   socket per port. Reported as [`KernelError::PortInUse`].
-//!
-//! # Devices in pods
-//! A device in a pod is not visible in the node namespace but holds its VNI
-//! there, so creating another one with that VNI in the node namespace fails
-//! with `VniInUse`. [`create_vxlan_in`] judges idempotence in the pod: a
-//! device of ours with the same VNI, remote and port is reused.
 
 use std::cmp::Ordering;
 use std::net::IpAddr;
@@ -288,103 +280,22 @@ fn validate_spec(spec: &VxlanSpec) -> Result<(), KernelError> {
     Ok(())
 }
 
-/// Creates (or finds) the VXLAN device `spec.name` in `node` and returns its
-/// ifindex there. See the module docs for the exact guarantees and what the
-/// kernel refuses.
-///
-/// Errors: [`KernelError::InvalidVni`], [`KernelError::InvalidTunnel`],
-/// [`KernelError::NameTaken`] (the name has another alias),
-/// [`KernelError::VniInUse`] (EEXIST on the VNI),
-/// [`KernelError::PortInUse`] (EADDRINUSE when going up), or a netlink error
-/// naming the namespace and interface.
-pub async fn create_vxlan(node: &NetnsHandle, spec: &VxlanSpec) -> Result<u32, KernelError> {
-    validate_spec(spec)?;
-    let nl = node.netlink().await?;
-
-    if let Some(index) = reuse_existing(&nl, node, spec).await? {
-        return Ok(index);
-    }
-
-    let mut b = LinkVxlan::new(&spec.name, spec.vni).port(spec.port).learning(false);
-    b = match (spec.local, spec.remote) {
-        (IpAddr::V4(l), IpAddr::V4(r)) => b.local(l).remote(r).udp_csum(true),
-        (IpAddr::V6(l), IpAddr::V6(r)) => b.local6(l).remote6(r).udp_zero_csum6_tx(false).udp_zero_csum6_rx(false),
-        // validate_spec refuses mixed families.
-        _ => b,
-    };
-    b = b.mtu(spec.mtu);
-    if let Some(mac) = spec.mac {
-        b = b.address(mac.to_vec());
-    }
-    if let Err(e) = nl.link().add(b.build()).execute().await {
-        if errno_of(&e) == Some(EEXIST) {
-            // Either the name appeared since we looked, or the VNI is taken.
-            match get_link(&nl, node, &spec.name).await? {
-                None => {
-                    return Err(KernelError::VniInUse {
-                        netns: node.describe().to_string(),
-                        name: spec.name.clone(),
-                        vni: spec.vni,
-                        port: spec.port,
-                        family: family(spec.local),
-                    });
-                }
-                Some(_) => {
-                    if let Some(index) = reuse_existing(&nl, node, spec).await? {
-                        return Ok(index);
-                    }
-                }
-            }
-        }
-        let op = format!("creating VXLAN device (VNI {}, port {}, remote {})", spec.vni, spec.port, spec.remote);
-        return Err(KernelError::netlink(op, node, &spec.name, e));
-    }
-
-    let result = async {
-        let info = get_link(&nl, node, &spec.name)
-            .await?
-            .ok_or_else(|| KernelError::LinkNotFound { netns: node.describe().to_string(), name: spec.name.clone() })?;
-        set_alias_up(&nl, node, spec, info.index).await?;
-        Ok::<u32, KernelError>(info.index)
-    }
-    .await;
-    match result {
-        Ok(index) => {
-            tracing::debug!(
-                netns = node.describe(),
-                name = spec.name,
-                vni = spec.vni,
-                remote = %spec.remote,
-                port = spec.port,
-                index,
-                "created VXLAN device"
-            );
-            Ok(index)
-        }
-        Err(e) => {
-            match get_link(&nl, node, &spec.name).await {
-                Ok(Some(i)) => {
-                    if let Err(de) = del_index(&nl, node, &spec.name, i.index).await {
-                        tracing::warn!(error = %de, "could not remove the VXLAN device after a failed setup");
-                    }
-                }
-                Ok(None) => {}
-                Err(de) => tracing::warn!(error = %de, "could not remove the VXLAN device after a failed setup"),
-            }
-            Err(e)
-        }
-    }
-}
-
 /// Creates the VXLAN netdev `spec.name` directly in `pod`, from a netlink
 /// socket in `node`: the kernel keeps the device's UDP socket and underlay
 /// lookups in `node` (the request's netns; `ip -d link` shows `link-netns`),
 /// exactly the layout of create-in-node-then-move, without the move. A
 /// netdev move waits for RCU grace periods in the kernel (about 25 ms per
 /// device on this machine kind, serialised under RTNL), creation in place
-/// about 1 ms. Same guarantees as [`create_vxlan`], with `NameTaken` and
-/// idempotence judged in `pod`; anything created is removed if a later step
-/// fails. Returns the ifindex in `pod`.
+/// about 1 ms. `NameTaken` and idempotence are judged in `pod`; anything
+/// created is removed if a later step fails. Returns the ifindex in `pod`.
+/// See the module docs for the exact guarantees and what the kernel
+/// refuses.
+///
+/// Errors: [`KernelError::InvalidVni`], [`KernelError::InvalidTunnel`],
+/// [`KernelError::NameTaken`] (the name has another alias in `pod`),
+/// [`KernelError::VniInUse`] (EEXIST on the VNI in `node`),
+/// [`KernelError::PortInUse`] (EADDRINUSE when going up), or a netlink error
+/// naming the namespace and interface.
 pub async fn create_vxlan_in(node: &NetnsHandle, pod: &NetnsHandle, spec: &VxlanSpec) -> Result<u32, KernelError> {
     validate_spec(spec)?;
     let nl_pod = pod.netlink().await?;

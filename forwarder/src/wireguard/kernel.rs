@@ -344,8 +344,8 @@ impl std::fmt::Debug for KernelDevice {
 }
 
 impl WgBackend for Kernel {
-    fn kind(&self) -> &'static str {
-        "kernel"
+    fn kind(&self) -> super::BackendKind {
+        super::BackendKind::Kernel
     }
 
     fn create(&self, name: &str, cfg: &WgConfig) -> Result<Box<dyn WgDevice>, WgError> {

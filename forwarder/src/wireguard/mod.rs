@@ -62,7 +62,6 @@ mod userspace;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -209,10 +208,28 @@ pub enum WgError {
     KernelUnsupported { name: String, reason: String },
 }
 
+/// Which implementation a backend is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// The kernel's `wireguard` link.
+    Kernel,
+    /// The embedded userspace implementation on a TUN device.
+    Userspace,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Kernel => "kernel",
+            BackendKind::Userspace => "userspace",
+        })
+    }
+}
+
 /// A way to create WireGuard devices; chosen once at forwarder start.
 pub trait WgBackend: Send + Sync {
-    /// `"kernel"` or `"userspace"`.
-    fn kind(&self) -> &'static str;
+    /// Which implementation this is.
+    fn kind(&self) -> BackendKind;
     /// Creates device `name` (at most 15 bytes, unique per node) in the
     /// calling thread's network namespace (the node netns: the UDP socket
     /// lives there). Blocking; call it from a plain thread (e.g. inside
@@ -309,25 +326,7 @@ pub fn probe() -> Arc<dyn WgBackend> {
 /// that accept connections (live devices, also of other processes) are
 /// kept.
 pub fn cleanup_stale_sockets(prefix: &str) -> Vec<PathBuf> {
-    let mut removed = Vec::new();
-    let Ok(rd) = std::fs::read_dir(SOCKET_DIR) else { return removed };
-    for e in rd.flatten() {
-        let name = e.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if !name.starts_with(prefix) || !name.ends_with(".sock") {
-            continue;
-        }
-        let path = e.path();
-        let is_socket = std::fs::symlink_metadata(&path).map(|m| m.file_type().is_socket()).unwrap_or(false);
-        if !is_socket || uapi::is_served(&path) {
-            continue;
-        }
-        match std::fs::remove_file(&path) {
-            Ok(()) => removed.push(path),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove stale WireGuard UAPI socket"),
-        }
-    }
-    removed
+    nsm_sdk::tools::unixsock::remove_unserved(std::path::Path::new(SOCKET_DIR), prefix, ".sock")
 }
 
 #[cfg(test)]

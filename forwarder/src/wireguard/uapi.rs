@@ -30,6 +30,8 @@ use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
+
+use nsm_sdk::tools::unixsock::is_served;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -299,11 +301,6 @@ impl Drop for SocketFile {
             _ => {}
         }
     }
-}
-
-/// Whether something accepts connections on `path`.
-pub fn is_served(path: &Path) -> bool {
-    UnixStream::connect(path).is_ok()
 }
 
 /// Binds the UAPI socket of `name` (see the module guarantees). `Err` with

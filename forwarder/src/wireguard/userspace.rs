@@ -37,8 +37,8 @@ use super::{MAX_MTU, MIN_MTU, WgBackend, WgConfig, WgDevice, WgError, WgStats, v
 pub struct Userspace;
 
 impl WgBackend for Userspace {
-    fn kind(&self) -> &'static str {
-        "userspace"
+    fn kind(&self) -> super::BackendKind {
+        super::BackendKind::Userspace
     }
 
     fn create(&self, name: &str, cfg: &WgConfig) -> Result<Box<dyn WgDevice>, WgError> {
@@ -105,7 +105,7 @@ impl UserspaceDevice {
             });
         }
         let sock_path = uapi::socket_path(name);
-        if uapi::is_served(&sock_path) {
+        if nsm_sdk::tools::unixsock::is_served(&sock_path) {
             return Err(WgError::NameTaken {
                 name: name.to_string(),
                 what: format!("{} is served by another running WireGuard device on this node", sock_path.display()),

@@ -673,9 +673,6 @@ mod tests {
                 ctx.ext.remove::<ServerPeer>();
                 r
             }
-            async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
-                next.close(ctx, conn).await
-            }
         }
         let chain = Chain::new(vec![AuthorizeClient::new(PolicySet::client()), Arc::new(DropPeer), plain]);
         chain.request(&mut Context::default(), req("c")).await.unwrap();

@@ -26,6 +26,7 @@ use tonic::Status;
 use tracing::Instrument;
 
 use super::begin::EventFactory;
+use super::connect::DEFAULT_CALL_TIMEOUT;
 use super::metadata::ConnMetadata;
 
 /// One step of a Request/Close chain.
@@ -37,8 +38,12 @@ pub trait Element: Send + Sync + 'static {
     /// Handle a Request; call `next.request` to continue down the chain.
     async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> Result<Connection, Status>;
 
-    /// Handle a Close; call `next.close` to continue down the chain.
-    async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status>;
+    /// Handle a Close; call `next.close` to continue down the chain. The
+    /// default passes the Close on unchanged (elements that only act on
+    /// Requests need not write it).
+    async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
+        next.close(ctx, conn).await
+    }
 }
 
 /// Cursor over the rest of a chain.
@@ -71,6 +76,22 @@ impl Next {
                 e.close(ctx, conn, next).instrument(span).await
             }
             None => Ok(()),
+        }
+    }
+}
+
+impl Next {
+    /// Closes what the rest of the chain set up for `conn` after this
+    /// element failed on the way back (the wire could not be built, say), so
+    /// a failed first Request leaves nothing behind downstream. Runs with a
+    /// fresh budget ([`DEFAULT_CALL_TIMEOUT`]: the call's own may be spent)
+    /// and the connection's metadata; a failure is logged, not returned
+    /// (the caller reports its own error).
+    pub async fn undo(self, ctx: &Context, conn: Connection) {
+        let mut cctx = ctx.detached(DEFAULT_CALL_TIMEOUT);
+        cctx.meta = ctx.meta.clone();
+        if let Err(e) = self.close(&mut cctx, conn).await {
+            tracing::warn!(error = %e.message(), "closing downstream after a failed request also failed");
         }
     }
 }

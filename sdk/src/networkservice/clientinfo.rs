@@ -54,9 +54,6 @@ impl Element for ClientInfo {
         }
         next.request(ctx, req).await
     }
-    async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
-        next.close(ctx, conn).await
-    }
 }
 
 #[cfg(test)]

@@ -66,11 +66,7 @@ impl Element for Connect {
         match next.request(ctx, req).await {
             Ok(c) => Ok(c),
             Err(e) => {
-                let mut cctx = ctx.detached(DEFAULT_CALL_TIMEOUT);
-                cctx.meta = ctx.meta.clone();
-                if let Err(ce) = self.client.close(&mut cctx, downstream).await {
-                    tracing::warn!(error = %ce.message(), "closing downstream after a failed request also failed");
-                }
+                self.client.start().undo(ctx, downstream).await;
                 Err(e)
             }
         }

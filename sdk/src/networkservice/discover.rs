@@ -203,10 +203,6 @@ impl Element for RoundRobin {
         let msgs: Vec<_> = errors.iter().map(|e| e.message().to_string()).collect();
         Err(Status::new(code, format!("all {n} endpoints of {svc:?} failed: {}", msgs.join("; "))))
     }
-
-    async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
-        next.close(ctx, conn).await
-    }
 }
 
 #[cfg(test)]
@@ -242,9 +238,6 @@ mod tests {
                 return Err(Status::unavailable("connection refused"));
             }
             next.request(ctx, req).await
-        }
-        async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
-            next.close(ctx, conn).await
         }
     }
 

@@ -174,9 +174,6 @@ mod tests {
             tokio::time::sleep(self.0).await;
             next.request(ctx, req).await
         }
-        async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
-            next.close(ctx, conn).await
-        }
     }
 
     /// A caller that gives up mid-request must not leave the chain half

@@ -51,9 +51,6 @@ impl Element for TrimPath {
         }
         Ok(conn)
     }
-    async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
-        next.close(ctx, conn).await
-    }
 }
 
 #[async_trait]
@@ -64,9 +61,6 @@ impl Element for TrimPathClient {
     async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
         ctx.ext.insert(Passthrough);
         next.request(ctx, req).await
-    }
-    async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
-        next.close(ctx, conn).await
     }
 }
 

@@ -125,6 +125,53 @@ pub async fn register_nse_with_refresh(
     Ok((registered, guard))
 }
 
+/// What [`register_served`] does when the first registration fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FirstRegistration {
+    /// Return the error (an endpoint: its operator should see it at once).
+    Fail,
+    /// Try again every [`FIRST_RETRY_INTERVAL`] while the server runs (a
+    /// forwarder: its nsmgr may start after it), logging every 50th failure.
+    Retry,
+}
+
+/// Delay between first-registration attempts with [`FirstRegistration::Retry`].
+pub const FIRST_RETRY_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Registers `nse`, the endpoint a daemon serves, with
+/// [`register_nse_with_refresh`]; with [`FirstRegistration::Retry`] a failed
+/// first attempt is repeated until it succeeds or `server` (the daemon's
+/// serving task) ends, whose end is then reported instead.
+pub async fn register_served<T>(
+    reg: Arc<dyn NseRegistry>,
+    nse: NetworkServiceEndpoint,
+    default_period: Duration,
+    first: FirstRegistration,
+    server: &JoinHandle<T>,
+) -> Result<(NetworkServiceEndpoint, RegistrationGuard), Status> {
+    let mut attempts = 0u32;
+    loop {
+        match register_nse_with_refresh(reg.clone(), nse.clone(), default_period).await {
+            Ok(r) => return Ok(r),
+            Err(e) if first == FirstRegistration::Fail => return Err(e),
+            Err(e) if server.is_finished() => {
+                return Err(Status::cancelled(format!(
+                    "the server stopped before endpoint {:?} was registered: {}",
+                    nse.name,
+                    e.message()
+                )));
+            }
+            Err(e) => {
+                if attempts.is_multiple_of(50) {
+                    tracing::warn!(nse = %nse.name, error = %e.message(), "cannot register yet; retrying");
+                }
+                attempts += 1;
+                tokio::time::sleep(FIRST_RETRY_INTERVAL).await;
+            }
+        }
+    }
+}
+
 async fn refresh_loop(
     reg: Arc<dyn NseRegistry>,
     template: NetworkServiceEndpoint,

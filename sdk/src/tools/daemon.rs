@@ -86,6 +86,54 @@ pub async fn serve_with(
     res
 }
 
+/// The router every NetworkService server starts from: grpc health
+/// (SERVING for NetworkService, MonitorConnection and `more`), the chain of
+/// `ep` and its MonitorConnections.
+pub async fn endpoint_router(ep: &crate::networkservice::chains::Endpoint, more: &[&str]) -> Router {
+    use nsm_api::service_names;
+    let mut names = vec![service_names::NETWORK_SERVICE, service_names::MONITOR_CONNECTION];
+    names.extend_from_slice(more);
+    let health = health_service(&names).await;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(crate::networkservice::server::ChainServer::new(ep.chain.clone()).into_service())
+        .add_service(nsm_api::connection::monitor_connection_server::MonitorConnectionServer::new(ep.monitor.clone()))
+}
+
+/// What a daemon that serves an endpoint (a forwarder, an NSE) does after
+/// building its router: serves it on `listeners` (mutual TLS with `sec`)
+/// until `shutdown`, keeps `nse` registered through `reg` meanwhile
+/// ([`register_served`](crate::registry::client::register_served), `first`
+/// says whether a failed first registration is retried), calls
+/// `registered` once it is, and unregisters when the server has stopped.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_registered(
+    router: Router,
+    listeners: Listeners,
+    sec: &Security,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    reg: Arc<dyn crate::registry::NseRegistry>,
+    nse: nsm_api::registry::NetworkServiceEndpoint,
+    refresh: Duration,
+    first: crate::registry::client::FirstRegistration,
+    registered: impl FnOnce(&nsm_api::registry::NetworkServiceEndpoint),
+) -> anyhow::Result<()> {
+    let server = tokio::spawn(serve_with(router, listeners, sec.tls.clone(), shutdown, Duration::from_secs(5)));
+    let what = nse.name.clone();
+    let (nse, guard) = match crate::registry::client::register_served(reg, nse, refresh, first, &server).await {
+        Ok(r) => r,
+        Err(e) => {
+            server.abort();
+            anyhow::bail!("registering endpoint {what:?}: {}", e.message());
+        }
+    };
+    registered(&nse);
+    let res = server.await;
+    guard.stop().await;
+    res??;
+    Ok(())
+}
+
 /// Parses a Go-style duration (`750ms`, `15s`, `1m`, `1h30m`) for clap.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e} (examples: 750ms, 15s, 1m)"))

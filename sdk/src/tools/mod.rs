@@ -8,3 +8,4 @@ pub mod matchutils;
 pub mod netns;
 pub mod nsurl;
 pub mod token;
+pub mod unixsock;
