@@ -31,14 +31,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use nsm_api::registry::{NetworkServiceEndpoint, NetworkServiceLabels};
 use nsm_sdk::networkservice::begin::Begin;
 use nsm_sdk::networkservice::chains::{Endpoint, Options, passthrough_client};
 use nsm_sdk::networkservice::connect::Connect;
 use nsm_sdk::networkservice::discover::{Discover, RoundRobin};
 use nsm_sdk::registry::RemoteRegistry;
-use nsm_sdk::registry::client::FirstRegistration;
-use nsm_sdk::tools::daemon::{self, CommonArgs, Security, parse_duration};
+use nsm_sdk::registry::client::FirstRegistration::Retry;
+use nsm_sdk::registry::client::{Registration, endpoint_record};
+use nsm_sdk::tools::daemon::{self, CommonArgs, NsmgrArgs, Security, parse_duration};
 use nsm_sdk::tools::grpc::{Listeners, parse_url};
 use nsm_sdk::tools::labels::parse_labels;
 use url::Url;
@@ -70,9 +70,6 @@ pub struct Config {
     /// Unix socket the nsmgr dials.
     #[arg(long, env = "NSM_LISTEN_ON", default_value = "unix:///listen.on.sock", value_parser = parse_url)]
     pub listen_on: Url,
-    /// The local nsmgr (registration and endpoint discovery go through it).
-    #[arg(long, env = "NSM_CONNECT_TO", default_value = "unix:///var/lib/networkservicemesh/nsm.io.sock", value_parser = parse_url)]
-    pub connect_to: Url,
     /// Labels of this forwarder (`key:value,...`); services select
     /// forwarders by them.
     #[arg(long, env = "NSM_LABELS", default_value = "p2p:true", value_parser = parse_labels)]
@@ -80,9 +77,6 @@ pub struct Config {
     /// Network service under which this forwarder registers.
     #[arg(long, env = "NSM_NSNAME", default_value = "forwarder")]
     pub service_name: String,
-    /// Timeout for dialing endpoints and the nsmgr.
-    #[arg(long, env = "NSM_DIAL_TIMEOUT", default_value = "750ms", value_parser = parse_duration)]
-    pub dial_timeout: Duration,
     /// Lifetime of the tokens this forwarder mints.
     #[arg(long, env = "NSM_MAX_TOKEN_LIFETIME", default_value = "10m", value_parser = parse_duration)]
     pub max_token_lifetime: Duration,
@@ -114,12 +108,17 @@ pub struct Config {
     /// lifetime, or the nsmgr closes its connection).
     #[arg(long, env = "NSM_ORPHAN_GRACE", value_parser = parse_duration)]
     pub orphan_grace: Option<Duration>,
-    /// How often to refresh the registration when the registry sets no
-    /// expiration.
-    #[arg(long, env = "NSM_REGISTRY_REFRESH", default_value = "40s", value_parser = parse_duration)]
-    pub registry_refresh: Duration,
+    #[command(flatten)]
+    pub nsmgr: NsmgrArgs,
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+impl daemon::DaemonConfig for Config {
+    const PROG: &'static str = "forwarder";
+    fn serving(&self) -> (&daemon::CommonArgs, Duration, Vec<Url>) {
+        (&self.common, self.max_token_lifetime, vec![self.listen_on.clone()])
+    }
 }
 
 /// `NSM_WIREGUARD_BACKEND`.
@@ -207,9 +206,9 @@ pub fn owner_id(cfg: &Config) -> anyhow::Result<String> {
 /// Builds the forwarder chain (see the module docs); `owner` is
 /// [`owner_id`].
 pub fn chain(cfg: &Config, sec: &Security, remote: Option<Arc<remote::Remote>>, owner: &str) -> Endpoint {
-    let pool = sec.pool(cfg.dial_timeout);
+    let pool = sec.pool(cfg.nsmgr.dial_timeout);
     // Registry lookups go through the nsmgr.
-    let registry = RemoteRegistry::new(cfg.connect_to.clone(), pool.clone()).with_tokens(sec.tokens.clone());
+    let registry = RemoteRegistry::new(cfg.nsmgr.connect_to.clone(), pool.clone()).with_tokens(sec.tokens.clone());
     let opts = Options { begin: Some(Begin::passing_unknown_closes()) };
     Endpoint::with(
         &cfg.name,
@@ -230,12 +229,7 @@ pub fn chain(cfg: &Config, sec: &Security, remote: Option<Arc<remote::Remote>>, 
 
 /// Serves the forwarder on `listeners`, registered with the nsmgr, until
 /// `shutdown`; then unregisters.
-pub async fn run(
-    cfg: Config,
-    sec: Security,
-    listeners: Listeners,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, sec: Security, listeners: Listeners, shutdown: daemon::Shutdown) -> anyhow::Result<()> {
     let remote = remote(&cfg).await?;
     let owner = owner_id(&cfg)?;
     let ep = chain(&cfg, &sec, remote, &owner);
@@ -247,65 +241,23 @@ pub async fn run(
     }
     let url = listeners.urls().first().cloned().ok_or_else(|| anyhow::anyhow!("nothing to listen on"))?;
     let router = daemon::endpoint_router(&ep, &[]).await;
-    let registry =
-        RemoteRegistry::new(cfg.connect_to.clone(), sec.pool(cfg.dial_timeout)).with_tokens(sec.tokens.clone());
-    let me = NetworkServiceEndpoint {
-        name: cfg.name.clone(),
-        network_service_names: vec![cfg.service_name.clone()],
-        network_service_labels: HashMap::from([(
-            cfg.service_name.clone(),
-            NetworkServiceLabels { labels: cfg.labels.clone() },
-        )]),
-        url: url.to_string(),
-        ..Default::default()
-    };
-    let registered = |_: &NetworkServiceEndpoint| {
-        tracing::info!(
-            name = %cfg.name,
-            listen_on = %url,
-            nsmgr = %cfg.connect_to,
-            spiffe_id = sec.spiffe_id().as_deref().unwrap_or("(insecure)"),
-            "forwarder registered and serving"
-        )
-    };
+    let registry = RemoteRegistry::new(cfg.nsmgr.connect_to.clone(), sec.pool(cfg.nsmgr.dial_timeout))
+        .with_tokens(sec.tokens.clone());
+    let services = std::slice::from_ref(&cfg.service_name);
+    let me = endpoint_record(&cfg.name, services, &cfg.labels, &url);
     // Keep trying to register: the nsmgr may start after us.
-    daemon::serve_registered(
-        router,
-        listeners,
-        &sec,
-        shutdown,
-        Arc::new(registry.clone()),
-        me,
-        cfg.registry_refresh,
-        FirstRegistration::Retry,
-        registered,
-    )
-    .await
+    tracing::info!(nsmgr = %cfg.nsmgr.connect_to, "registering with the nsmgr");
+    let reg =
+        Registration { registry: Arc::new(registry), endpoint: me, refresh: cfg.nsmgr.registry_refresh, first: Retry };
+    daemon::serve_registered(router, listeners, &sec, shutdown, reg, "forwarder").await
 }
 
 #[cfg(test)]
-mod cli_tests {
-    use clap::CommandFactory;
-
-    #[test]
-    fn cli_is_well_formed() {
-        super::Config::command().debug_assert();
-    }
-}
-
-#[cfg(test)]
-mod chain_tests {
+mod tests {
     use clap::Parser;
     use nsm_sdk::networkservice::chains::documented_chain;
 
     use super::*;
-
-    #[test]
-    fn the_chain_is_what_the_module_docs_say() {
-        let cfg = Config::try_parse_from(["forwarder"]).unwrap();
-        let ep = chain(&cfg, &Security::insecure(Duration::from_secs(60)), None, "f@1");
-        assert_eq!(ep.chain.names(), documented_chain(include_str!("lib.rs")));
-    }
 
     #[test]
     fn priority_and_backend_parse() {
@@ -316,5 +268,12 @@ mod chain_tests {
         assert!(e.contains("IPSEC") && e.contains("supported: VXLAN, WIREGUARD"), "{e}");
         let e = Config::try_parse_from(["forwarder", "--wireguard-backend", "vpp"]).unwrap_err().to_string();
         assert!(e.contains("vpp"), "{e}");
+    }
+
+    #[test]
+    fn the_chain_is_what_the_module_docs_say() {
+        let cfg = Config::try_parse_from(["forwarder"]).unwrap();
+        let ep = chain(&cfg, &Security::insecure(Duration::from_secs(60)), None, "f@1");
+        assert_eq!(ep.chain.names(), documented_chain(include_str!("lib.rs")));
     }
 }

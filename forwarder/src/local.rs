@@ -33,7 +33,7 @@ use nsm_api::connection::{Connection, Mechanism};
 use nsm_api::mechanisms::{cls, kernel};
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_sdk::networkservice::chain::conn_mut;
-use nsm_sdk::networkservice::{Context, Element, Next};
+use nsm_sdk::networkservice::{ConnResult, Context, Element, Next};
 use nsm_sdk::tools::netns::{self, NetnsHandle};
 use rand::Rng;
 use tonic::Status;
@@ -155,6 +155,35 @@ pub fn stable_ifname(prefix: &str, conn_id: &str) -> String {
     format!("{}-{suffix}", ifname_prefix(prefix))
 }
 
+/// The request this forwarder sends its local endpoint: the caller's
+/// request with its own KERNEL preference for interface `nse_if` instead of
+/// the incoming mechanism (upstream's mechanismtranslation), and on refresh
+/// `prev`, the mechanism the endpoint chose before.
+pub fn endpoint_request(req: &NetworkServiceRequest, prev: Option<Mechanism>, nse_if: &str) -> NetworkServiceRequest {
+    let mut out = req.clone();
+    conn_mut(&mut out).mechanism = prev;
+    out.mechanism_preferences = vec![Mechanism {
+        cls: cls::LOCAL.to_string(),
+        r#type: kernel::MECHANISM.to_string(),
+        parameters: HashMap::from([(kernel::NAME.to_string(), nse_if.to_string())]),
+    }];
+    out
+}
+
+/// The KERNEL mechanism the local endpoint answered with and the interface
+/// name in it (the one proposed, `proposed`, unless it chose another),
+/// checked.
+pub fn endpoint_answer(res: &Connection, proposed: &str) -> Result<(Mechanism, String), Status> {
+    let m = res
+        .mechanism
+        .clone()
+        .filter(|m| m.r#type == kernel::MECHANISM)
+        .ok_or_else(|| Status::internal("the endpoint answered without a KERNEL mechanism"))?;
+    let name = m.parameters.get(kernel::NAME).filter(|n| !n.is_empty()).cloned().unwrap_or(proposed.to_string());
+    k::validate_ifname(&name)?;
+    Ok((m, name))
+}
+
 /// The netns parameters a mechanism carries (`inodeURL`, `netnsInode`).
 pub type NetnsKey = (Option<String>, Option<String>);
 
@@ -197,16 +226,7 @@ async fn teardown(w: &Wire) {
 
 #[async_trait]
 impl Element for LocalKernel {
-    fn name(&self) -> &'static str {
-        "localkernel"
-    }
-
-    async fn request(
-        &self,
-        ctx: &mut Context,
-        mut req: NetworkServiceRequest,
-        next: Next,
-    ) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> ConnResult {
         let meta =
             ctx.meta.clone().ok_or_else(|| Status::internal("chain misconfigured: localkernel needs metadata"))?;
         let prev: Option<Wire> = meta.server_get::<Wire>();
@@ -222,25 +242,11 @@ impl Element for LocalKernel {
         let nse_if =
             prev.as_ref().map(|w| w.nse_if.clone()).unwrap_or_else(|| stable_ifname(&conn.network_service, &conn.id));
 
-        // Ask the endpoint with our own mechanism (mechanismtranslation).
-        let mut out = req.clone();
-        let oc = conn_mut(&mut out);
-        oc.mechanism = prev.as_ref().map(|w| w.outgoing.clone());
-        out.mechanism_preferences = vec![Mechanism {
-            cls: cls::LOCAL.to_string(),
-            r#type: kernel::MECHANISM.to_string(),
-            parameters: HashMap::from([(kernel::NAME.to_string(), nse_if.clone())]),
-        }];
+        let out = endpoint_request(&req, prev.as_ref().map(|w| w.outgoing.clone()), &nse_if);
         let mut res = next.clone().request(ctx, out).await?;
 
         let built = async {
-            let outgoing = res
-                .mechanism
-                .clone()
-                .filter(|m| m.r#type == kernel::MECHANISM)
-                .ok_or_else(|| Status::internal("the endpoint answered without a KERNEL mechanism"))?;
-            let nse_if = outgoing.parameters.get(kernel::NAME).cloned().unwrap_or(nse_if.clone());
-            k::validate_ifname(&nse_if)?;
+            let (outgoing, nse_if) = endpoint_answer(&res, &nse_if)?;
             let nse_ns = match &prev {
                 Some(w) if netns_key(&w.outgoing) == netns_key(&outgoing) => w.nse_ns.clone(),
                 _ => resolve_netns(&outgoing, "endpoint").await?,

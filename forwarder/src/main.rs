@@ -1,15 +1,4 @@
-use nsm_forwarder::{Config, run};
-use nsm_sdk::tools::daemon::{exit_with, shutdown_signal};
-use nsm_sdk::tools::grpc::Listeners;
-
 #[tokio::main]
 async fn main() {
-    let cfg: Config = nsm_sdk::tools::daemon::parse_or_exit();
-    cfg.common.init_or_exit("forwarder");
-    let sec = cfg.common.security_or_exit("forwarder", cfg.max_token_lifetime).await;
-    let listeners =
-        Listeners::bind(std::slice::from_ref(&cfg.listen_on)).await.unwrap_or_else(|e| exit_with("forwarder", e));
-    if let Err(e) = run(cfg, sec, listeners, shutdown_signal()).await {
-        exit_with("forwarder", format!("{e:#}"));
-    }
+    nsm_sdk::tools::daemon::serve_main::<nsm_forwarder::Config, _, _>(nsm_forwarder::run).await
 }

@@ -25,7 +25,7 @@ use nsm_api::connection::Connection;
 use nsm_api::mechanisms::{cls, kernel};
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_sdk::networkservice::chain::conn_mut;
-use nsm_sdk::networkservice::{Context, Element, Next};
+use nsm_sdk::networkservice::{ConnResult, Context, Element, Next};
 use tonic::Status;
 
 use crate::local::{self, LocalKernel, kernel_incoming, netns_key, resolve_netns};
@@ -65,16 +65,7 @@ fn incoming_is_remote(req: &NetworkServiceRequest) -> bool {
 
 #[async_trait]
 impl Element for XConnect {
-    fn name(&self) -> &'static str {
-        "xconnect"
-    }
-
-    async fn request(
-        &self,
-        ctx: &mut Context,
-        mut req: NetworkServiceRequest,
-        next: Next,
-    ) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> ConnResult {
         let to_remote = ctx.client_url.as_ref().is_some_and(|u| u.scheme() == "tcp");
         let from_remote = incoming_is_remote(&req);
         // A refresh whose endpoint moved between this node and another

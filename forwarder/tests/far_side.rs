@@ -17,7 +17,7 @@ use nsm_forwarder::remote::{MechanismKind, Remote, RemoteConfig};
 use nsm_forwarder::xconnect::XConnect;
 use nsm_sdk::networkservice::begin::Begin;
 use nsm_sdk::networkservice::metadata::Metadata;
-use nsm_sdk::networkservice::{Chain, Context, Element, Next};
+use nsm_sdk::networkservice::{Chain, ConnResult, Context, Element, Next};
 use nsm_sdk::testing::netns::TestNetns;
 use nsm_sdk::tools::netns::NetnsHandle;
 use tonic::Status;
@@ -33,10 +33,7 @@ struct FarSide {
 
 #[async_trait]
 impl Element for FarSide {
-    fn name(&self) -> &'static str {
-        "far-side"
-    }
-    async fn request(&self, _ctx: &mut Context, req: NetworkServiceRequest, _next: Next) -> Result<Connection, Status> {
+    async fn request(&self, _ctx: &mut Context, req: NetworkServiceRequest, _next: Next) -> ConnResult {
         let mut c = req.connection.clone().unwrap_or_default();
         c.mechanism = Some((self.answer)(&req.mechanism_preferences));
         Ok(c)

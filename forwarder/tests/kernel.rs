@@ -17,6 +17,7 @@ use nsm_forwarder::kernel::{
     open_ping_group_range, validate_ifname,
 };
 use nsm_sdk::testing::netns::TestNetns;
+use nsm_sdk::testing::ok_output;
 use nsm_sdk::tools::netns::NetnsHandle;
 
 const CLIENT_IF: &str = "nsm-1";
@@ -76,12 +77,6 @@ fn ctx(src: &[&str], dst: &[&str], src_routes: &[&str], dst_routes: &[&str]) -> 
         dst_routes: r(dst_routes),
         ..Default::default()
     }
-}
-
-fn ok_output(o: &std::process::Output) -> String {
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "command failed ({}): {text}", o.status);
-    text
 }
 
 /// A line of `text` starting with `start` and containing every `needles`.

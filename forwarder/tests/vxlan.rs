@@ -17,6 +17,7 @@ use nsm_forwarder::kernel::{
     validate_vni,
 };
 use nsm_sdk::testing::netns::TestNetns;
+use nsm_sdk::testing::{ok_output, output_text};
 use nsm_sdk::tools::netns::{NetnsHandle, all_netns};
 
 const POD_IF: &str = "nsm-1";
@@ -93,16 +94,6 @@ async fn tunnel_pair(t: &Topo, vni: u32, macs: Option<([u8; 6], [u8; 6])>) -> (V
     (s1, s2)
 }
 
-fn text(o: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-fn ok_output(o: &std::process::Output) -> String {
-    let t = text(o);
-    assert!(o.status.success(), "command failed ({}): {t}", o.status);
-    t
-}
-
 fn ping(from: &TestNetns, to: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["ping", "-c", "1", "-W", "2"];
     args.extend_from_slice(extra);
@@ -166,7 +157,7 @@ async fn vxlan_mtu_with_dont_fragment() {
     ok_output(&ping(&t.p1, POD2_IP, &["-M", "do", "-s", "1422"]));
     ok_output(&ping(&t.p2, POD1_IP, &["-M", "do", "-s", "1422"]));
     let o = ping(&t.p1, POD2_IP, &["-M", "do", "-s", "1423"]);
-    let out = text(&o);
+    let out = output_text(&o);
     assert!(!o.status.success(), "a 1451-byte packet with DF must not pass: {out}");
     assert!(!out.contains("bytes from"), "no reply expected: {out}");
 }
@@ -445,7 +436,7 @@ async fn kernel_move_rename_is_not_atomic_and_keeps_the_alias() {
     veth("vxt-k2", "nsm-vxtest-k2");
     ok_output(&t.p1.exec(&["ip", "link", "add", "nsm-k2", "type", "veth", "peer", "name", "nsm-k2p"]));
     let o = t.n1.exec(&["ip", "link", "set", "vxt-k2", "netns", t.p1.name(), "name", "nsm-k2"]);
-    assert!(!o.status.success() && text(&o).contains("File exists"), "{}", text(&o));
+    assert!(!o.status.success() && output_text(&o).contains("File exists"), "{}", output_text(&o));
     assert!(link_info(t.n1.handle(), "vxt-k2").await.unwrap().is_none());
     let stray = link_info(t.p1.handle(), "vxt-k2").await.unwrap().expect("moved under the old name");
     assert_eq!(stray.kind.as_deref(), Some("veth"));

@@ -8,14 +8,15 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
 use nsm_forwarder::wireguard::{
-    Key, KeyPair, Userspace, WgBackend, WgConfig, WgDevice, WgError, cleanup_stale_sockets, socket_path,
+    Key, KeyPair, PeerUpdate, Userspace, WgBackend, WgConfig, WgDevice, WgError, cleanup_stale_sockets, socket_path,
 };
 use nsm_sdk::testing::netns::TestNetns;
+use nsm_sdk::testing::{eventually, output_text};
 
 const MTU: u32 = 1420;
 
@@ -24,14 +25,10 @@ fn dev_name(suffix: &str) -> String {
     format!("wt{}{suffix}", std::process::id() % 100_000)
 }
 
-fn out_text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
 /// Runs `args` inside `ns`; panics with the output if it fails.
 fn ok(ns: &TestNetns, args: &[&str]) -> String {
     let o = ns.exec(args);
-    assert!(o.status.success(), "`{}` in {} failed: {}", args.join(" "), ns.name(), out_text(&o));
+    assert!(o.status.success(), "`{}` in {} failed: {}", args.join(" "), ns.name(), output_text(&o));
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
@@ -105,18 +102,6 @@ fn link_exists(ns: &TestNetns, name: &str) -> bool {
     ns.exec(&["ip", "link", "show", "dev", name]).status.success()
 }
 
-/// Waits until `f` holds (at most `secs`).
-fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
-}
-
 #[tokio::test]
 async fn two_nodes_pods_ping_and_mtu() {
     let u = Underlay::new(71);
@@ -129,12 +114,12 @@ async fn two_nodes_pods_ping_and_mtu() {
     let dev_b = create_in(&u.b, &nb, cfg(&kb.private, 51820, &ka.public, Some("10.71.0.1:51820"), &["172.16.1.1/32"]))
         .await
         .unwrap();
-    assert_eq!((dev_a.name(), dev_a.listen_port()), (na.as_str(), 51820));
+    assert_eq!((dev_a.id().name.as_str(), dev_a.id().port), (na.as_str(), 51820));
     assert_eq!(dev_a.public_key(), ka.public);
-    assert!(dev_a.ifindex() > 0);
+    assert!(dev_a.id().ifindex > 0);
     // The TUN is in the node netns with the MTU asked for.
     let shown = ok(&u.a, &["ip", "-o", "link", "show", "dev", &na]);
-    assert!(shown.contains(&format!("mtu {MTU}")) && shown.contains(&format!("{}:", dev_a.ifindex())), "{shown}");
+    assert!(shown.contains(&format!("mtu {MTU}")) && shown.contains(&format!("{}:", dev_a.id().ifindex)), "{shown}");
     assert!(dev_a.stats().last_handshake.is_none());
 
     move_to_pod(&u.a, &na, &pod_a, "172.16.1.1", "172.16.1.2");
@@ -151,8 +136,8 @@ async fn two_nodes_pods_ping_and_mtu() {
     ok(&pod_a, &["ping", "-M", "do", "-s", &payload, "-c", "2", "-i", "0.2", "-W", "3", "172.16.1.2"]);
     let too_big = (MTU - 27).to_string();
     let o = pod_a.exec(&["ping", "-M", "do", "-s", &too_big, "-c", "1", "-W", "2", "172.16.1.2"]);
-    assert!(!o.status.success(), "{}", out_text(&o));
-    let t = out_text(&o);
+    assert!(!o.status.success(), "{}", output_text(&o));
+    let t = output_text(&o);
     assert!(t.contains("too long") && t.contains(&format!("mtu={MTU}")), "{t}");
     // The tunnel still works afterwards.
     ping(&pod_a, "172.16.1.2");
@@ -221,7 +206,10 @@ impl WgGo {
             .spawn()
             .expect("running wireguard-go (apt install wireguard-go)");
         let g = WgGo { child, name: name.to_string() };
-        assert!(eventually(10, || Path::new(&socket_path(name)).exists()), "wireguard-go did not create its socket");
+        assert!(
+            eventually(Duration::from_secs(10), || Path::new(&socket_path(name)).exists()),
+            "wireguard-go did not create its socket"
+        );
         g
     }
 }
@@ -330,11 +318,12 @@ async fn interop_with_wireguard_go_and_wg_tools() {
     assert!(show.contains("every 7 seconds") && show.contains("172.16.9.0/24"), "{show}");
     let other = KeyPair::generate().public.to_base64();
     let o = u.a.exec(&["wg", "set", &ours, "peer", &other, "allowed-ips", "10.9.9.9/32"]);
-    assert!(!o.status.success(), "a second peer must be refused: {}", out_text(&o));
+    assert!(!o.status.success(), "a second peer must be refused: {}", output_text(&o));
     let o = u.a.exec(&["wg", "set", &ours, "listen-port", "40000"]);
-    assert!(!o.status.success(), "a port change must be refused: {}", out_text(&o));
+    assert!(!o.status.success(), "a port change must be refused: {}", output_text(&o));
     // The API refresh replaces the allowed IPs again.
-    dev.update_peer(None, &["172.16.2.2/32".parse().unwrap()], Some(0)).unwrap();
+    let update = PeerUpdate { endpoint: None, allowed_ips: vec!["172.16.2.2/32".parse().unwrap()], keepalive: Some(0) };
+    dev.update_peer(&update).unwrap();
     let show = ok(&u.a, &["wg", "show", &ours]);
     assert!(!show.contains("172.16.9.0/24") && !show.contains("keepalive"), "{show}");
     ping(&u.a, "172.16.2.2");
@@ -355,7 +344,7 @@ async fn close_port_in_use_names_and_stale_sockets() {
     let c = cfg(&k.private, 51830, &peer.public, Some("10.73.0.2:51830"), &["172.16.3.2/32"]);
     let dev = create_in(&node, &name, c.clone()).await.unwrap();
     // A new thread names itself once it runs.
-    assert!(eventually(5, || threads_named(&name).len() == 3), "{:?}", threads_named(&name));
+    assert!(eventually(Duration::from_secs(5), || threads_named(&name).len() == 3), "{:?}", threads_named(&name));
     assert!(socket_path(&name).exists());
     move_to_pod(&node, &name, &pod, "172.16.3.1", "172.16.3.2");
     assert!(link_exists(&pod, "nsm-1"));
@@ -401,7 +390,7 @@ async fn close_port_in_use_names_and_stale_sockets() {
     assert!(threads_named(&name).is_empty(), "{:?}", threads_named(&name));
     // The port is free again.
     let again = create_in(&node, &name2, c).await.unwrap();
-    assert_eq!(again.listen_port(), 51830);
+    assert_eq!(again.id().port, 51830);
     drop(again);
     assert!(!link_exists(&node, &name2) && !socket_path(&name2).exists() && threads_named(&name2).is_empty());
 }

@@ -77,7 +77,7 @@ pub async fn client(connect_to: &str, service: &str, count: usize, concurrency: 
     };
     let chain = Chain::new(vec![
         UpdatePath::new("bench"),
-        Arc::new(nsc::KernelClient),
+        Arc::new(nsm_sdk::networkservice::kernel::KernelClient),
         AuthorizeClient::new(sec.client.clone()),
         GrpcClient::new(sec.pool(Duration::from_secs(5)), sec.tokens.clone()),
     ]);
@@ -364,25 +364,16 @@ pub async fn run(lab: &mut Lab, opts: &BenchOpts) -> anyhow::Result<()> {
     let node_opts = NodeOpts { log_level: "WARN".into(), insecure: opts.insecure, ..Default::default() };
     let topo = cluster::build(lab, 1, 2, &node_opts).await?;
     let (n1, n2) = (topo.node(1, 1).clone(), topo.node(1, 2).clone());
-    mesh::start_nse(lab, &n1, "nse-local", "bench-local", "10.200.0.0/21", &[("NSM_LOG_LEVEL", "WARN".into())]).await?;
-    let eth = mesh::start_nse(
-        lab,
-        &n2,
-        "nse-eth",
-        "bench-eth",
-        "10.201.0.0/21",
-        &[("NSM_PAYLOAD", "ETHERNET".into()), ("NSM_LOG_LEVEL", "WARN".into())],
-    )
-    .await?;
-    let ipn = mesh::start_nse(
-        lab,
-        &n2,
-        "nse-ip",
-        "bench-ip",
-        "10.202.0.0/21",
-        &[("NSM_PAYLOAD", "IP".into()), ("NSM_LOG_LEVEL", "WARN".into())],
-    )
-    .await?;
+    let mut nses = vec![];
+    for (node, name, service, cidr, payload) in [
+        (&n1, "nse-local", "bench-local", "10.200.0.0/21", "ETHERNET"),
+        (&n2, "nse-eth", "bench-eth", "10.201.0.0/21", "ETHERNET"),
+        (&n2, "nse-ip", "bench-ip", "10.202.0.0/21", "IP"),
+    ] {
+        let env = [("NSM_PAYLOAD", payload.to_string()), ("NSM_LOG_LEVEL", "WARN".into())];
+        nses.push(mesh::start_nse(lab, node, name, service, cidr, &env).await?);
+    }
+    let (eth, ipn) = (nses[1].clone(), nses[2].clone());
 
     // Throughput (skipped with --seconds 0).
     let mut rows = vec![];
@@ -395,7 +386,7 @@ pub async fn run(lab: &mut Lab, opts: &BenchOpts) -> anyhow::Result<()> {
         sh(&["ip", "-n", &va, "link", "set", "v0", "up"])?;
         sh(&["ip", "-n", &vb, "link", "set", "v1", "up"])?;
         let pod = lab.add_netns("pod")?;
-        let r = mesh::nsc_init(lab, &n1, &pod, "nsc", "kernel://bench-eth/nsm-1,kernel://bench-ip/nsm-2", &[])?;
+        let r = mesh::nsc_init(lab, &n1, &pod, "kernel://bench-eth/nsm-1,kernel://bench-ip/nsm-2", &[])?;
         if !r.ok {
             bail!("nsc init failed: {}", r.stderr);
         }

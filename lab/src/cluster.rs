@@ -116,6 +116,16 @@ pub async fn build(lab: &mut Lab, clusters: u8, nodes: u8, opts: &NodeOpts) -> a
     Ok(out)
 }
 
+/// The bed of cross-node tests: [`crate::mesh::test_lab`] and one cluster
+/// of two nodes started with `opts`. Panics (a test fixture) on failure.
+#[allow(clippy::expect_used)]
+pub async fn two_nodes(test: &str, opts: &NodeOpts) -> (Lab, Node, Node) {
+    let mut lab = mesh::test_lab(test);
+    let topo = build(&mut lab, 1, 2, opts).await.expect("two nodes");
+    let (n1, n2) = (topo.node(1, 1).clone(), topo.node(1, 2).clone());
+    (lab, n1, n2)
+}
+
 fn mesh_url(s: &str) -> anyhow::Result<url::Url> {
     Ok(nsm_sdk::tools::grpc::parse_url(s)?)
 }

@@ -134,7 +134,7 @@ pub async fn run(lab: &mut Lab, opts: &DemoOpts) -> anyhow::Result<()> {
     let nsurls: Vec<&str> = SERVICES.iter().map(|s| s.nsurl).collect();
     step(3, total, &format!("client pod {p}-nsc1 on c1n1: nsc init with {} services", SERVICES.len()));
     let client_ns = lab.add_netns("nsc1")?;
-    let run = mesh::nsc_init(lab, &client_node, &client_ns, "nsc", &nsurls.join(","), &[])?;
+    let run = mesh::nsc_init(lab, &client_node, &client_ns, &nsurls.join(","), &[])?;
     if !run.ok {
         crate::say!("FAILED");
         bail!(
@@ -223,7 +223,6 @@ pub async fn run(lab: &mut Lab, opts: &DemoOpts) -> anyhow::Result<()> {
             "nsc1-sidecar",
             &client_node,
             &client_ns,
-            "nsc",
             &nsurls.join(","),
             &[("NSM_LOG_LEVEL", opts.log_level.clone())],
         )?;

@@ -74,7 +74,7 @@ enum Cmd {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = nsm_sdk::tools::daemon::parse_or_exit();
     let cmd = cli.cmd.unwrap_or(Cmd::Run { keep: false, log_level: "INFO".into() });
     match cmd {
         Cmd::Down => match down(&cli.prefix) {
@@ -112,20 +112,23 @@ async fn main() {
     }
 }
 
+/// A new lab under `prefix`, or the exit code and a printed one-line reason
+/// (64: the binaries are missing; 1: the lab cannot be set up).
+fn open_lab(prefix: &str) -> Result<Lab, i32> {
+    let bin_dir = default_bin_dir().map_err(|e| {
+        eprintln!("nsm-lab: {e:#}");
+        64
+    })?;
+    Lab::new(prefix, bin_dir).map_err(|e| {
+        eprintln!("nsm-lab: {e:#}");
+        1
+    })
+}
+
 async fn run(prefix: &str, opts: DemoOpts) -> i32 {
-    let bin_dir = match default_bin_dir() {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("nsm-lab: {e:#}");
-            return 64;
-        }
-    };
-    let mut lab = match Lab::new(prefix, bin_dir) {
+    let mut lab = match open_lab(prefix) {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!("nsm-lab: {e:#}");
-            return 1;
-        }
+        Err(code) => return code,
     };
     if opts.keep {
         lab.detach_daemons();
@@ -173,19 +176,9 @@ async fn run(prefix: &str, opts: DemoOpts) -> i32 {
 }
 
 async fn bench(prefix: &str, opts: BenchOpts) -> i32 {
-    let bin_dir = match default_bin_dir() {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("nsm-lab: {e:#}");
-            return 64;
-        }
-    };
-    let mut lab = match Lab::new(prefix, bin_dir) {
+    let mut lab = match open_lab(prefix) {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!("nsm-lab: {e:#}");
-            return 1;
-        }
+        Err(code) => return code,
     };
     let res = tokio::select! {
         r = nsm_lab::bench::run(&mut lab, &opts) => r,

@@ -14,7 +14,6 @@ use nsm_api::registry::NetworkServiceEndpoint;
 use nsm_sdk::networkservice::Context;
 use nsm_sdk::registry::find_nses;
 use nsm_sdk::tools::grpc::parse_url;
-use serde::Deserialize;
 use url::Url;
 
 use crate::env::Lab;
@@ -94,6 +93,18 @@ impl Default for NodeOpts {
     }
 }
 
+impl NodeOpts {
+    /// The defaults plus `NAME=value` in every forwarder's environment.
+    pub fn with_forwarder_env(name: &str, value: &str) -> NodeOpts {
+        NodeOpts { forwarder_env: vec![(name.into(), value.into())], ..Default::default() }
+    }
+
+    /// The defaults plus `NAME=value` in every nsmgr's environment.
+    pub fn with_nsmgr_env(name: &str, value: &str) -> NodeOpts {
+        NodeOpts { nsmgr_env: vec![(name.into(), value.into())], ..Default::default() }
+    }
+}
+
 /// An endpoint pod.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
@@ -104,22 +115,7 @@ pub struct Endpoint {
 }
 
 /// One connection as `nsc --output json` reports it.
-#[derive(Clone, Debug, Deserialize)]
-pub struct NscSummary {
-    pub id: String,
-    pub network_service: String,
-    pub interface: String,
-    pub src_ips: Vec<String>,
-    pub dst_ips: Vec<String>,
-    pub nse: String,
-    pub path: Vec<String>,
-    /// Who signed each segment's token (empty strings in a plaintext lab).
-    #[serde(default)]
-    pub spiffe_ids: Vec<String>,
-    pub setup_ms: f64,
-    #[serde(default)]
-    pub adopted: bool,
-}
+pub use nsc::Summary as NscSummary;
 
 /// Result of a one-shot `nsc init`.
 #[derive(Debug)]
@@ -300,21 +296,9 @@ pub async fn wait_registered(lab: &mut Lab, node: &Node, name: &str, timeout: Du
 }
 
 /// Runs `nsc init` in `netns` against `node` for `nsurls`.
-pub fn nsc_init(
-    lab: &Lab,
-    node: &Node,
-    netns: &str,
-    name: &str,
-    nsurls: &str,
-    extra: &[(&str, String)],
-) -> anyhow::Result<NscRun> {
-    let mut env = vec![
-        ("NSM_NAME", name.to_string()),
-        ("NSM_CONNECT_TO", node.nsmgr_url.to_string()),
-        ("NSM_NETWORK_SERVICES", nsurls.to_string()),
-        ("NSM_OUTPUT", "json".to_string()),
-    ];
-    env.extend(spire::env(lab, node.cluster));
+pub fn nsc_init(lab: &Lab, node: &Node, netns: &str, nsurls: &str, extra: &[(&str, String)]) -> anyhow::Result<NscRun> {
+    let mut env = nsc_env(lab, node, nsurls);
+    env.push(("NSM_OUTPUT", "json".to_string()));
     env.extend(extra.iter().cloned());
     let t0 = Instant::now();
     let out = lab.run_once(netns, "nsc", &["init"], &env, Duration::from_secs(60))?;
@@ -372,18 +356,25 @@ pub fn spawn_nsc_sidecar(
     daemon: &str,
     node: &Node,
     netns: &str,
-    name: &str,
     nsurls: &str,
     extra: &[(&str, String)],
 ) -> anyhow::Result<()> {
+    let mut env = nsc_env(lab, node, nsurls);
+    env.extend(extra.iter().cloned());
+    lab.spawn_args(daemon, netns, "nsc", &["run"], &env)
+}
+
+/// The environment of an nsc of `node` asking for `nsurls`: its name `nsc`
+/// (an entry `NSM_NAME` later in the list overrides it), the node's nsmgr,
+/// and the node's Workload API.
+pub fn nsc_env(lab: &Lab, node: &Node, nsurls: &str) -> Vec<(&'static str, String)> {
     let mut env = vec![
-        ("NSM_NAME", name.to_string()),
+        ("NSM_NAME", "nsc".to_string()),
         ("NSM_CONNECT_TO", node.nsmgr_url.to_string()),
         ("NSM_NETWORK_SERVICES", nsurls.to_string()),
     ];
     env.extend(spire::env(lab, node.cluster));
-    env.extend(extra.iter().cloned());
-    lab.spawn_args(daemon, netns, "nsc", &["run"], &env)
+    env
 }
 
 /// A lab for test `test`, with a prefix unique to this process and test so
@@ -392,6 +383,45 @@ pub fn test_lab(test: &str) -> Lab {
     let prefix = format!("t{}{}", std::process::id() % 100000, &test[..test.len().min(6)]);
     #[allow(clippy::expect_used)]
     Lab::new(&prefix, crate::default_bin_dir().expect("workspace binaries")).expect("lab")
+}
+
+/// The NSURL of the interface most tests ask for: `nsm-1` to the
+/// icmp-responder service of [`single_node`].
+pub const ICMP: &str = "kernel://icmp-responder/nsm-1";
+
+/// A registration of endpoint `name` for `service` at `url` (tests that
+/// talk to a registry directly).
+pub fn nse_record(name: &str, service: &str, url: &str) -> nsm_api::registry::NetworkServiceEndpoint {
+    #[allow(clippy::expect_used)]
+    let url = parse_url(url).expect("a valid NSM URL");
+    nsm_sdk::registry::client::endpoint_record(name, &[service.to_string()], &Default::default(), &url)
+}
+
+/// The bed most single-node tests start from: [`test_lab`], one node
+/// `node1` started with `opts`, and an icmp-responder endpoint `nse1` with
+/// addresses from `cidr`. Panics (a test fixture) when a step fails.
+#[allow(clippy::expect_used)]
+pub async fn single_node(test: &str, opts: &NodeOpts, cidr: &str) -> (Lab, Node, Endpoint) {
+    let mut lab = test_lab(test);
+    let node = start_node(&mut lab, "node1", opts).await.expect("node1");
+    let nse = start_nse(&mut lab, &node, "nse1", "icmp-responder", cidr, &[]).await.expect("nse1");
+    (lab, node, nse)
+}
+
+/// The ids of the connections of network service `service` on the
+/// forwarders of `nodes` (each forwarder names its own).
+pub async fn forwarder_conn_ids(lab: &Lab, nodes: &[&Node], service: &str) -> anyhow::Result<Vec<String>> {
+    let mut out = vec![];
+    for n in nodes {
+        out.extend(
+            connections(lab, &n.forwarder_url)
+                .await?
+                .into_iter()
+                .filter(|c| c.network_service == service)
+                .map(|c| c.id),
+        );
+    }
+    Ok(out)
 }
 
 /// What kind of interface `iface` in `netns` is: `veth`, `vxlan`, `tun`,
@@ -422,4 +452,43 @@ pub fn df_ping(lab: &Lab, netns: &str, iface: &str, dst: &str, size: u32) -> any
         Duration::from_secs(10),
     )?;
     Ok(out.status.success())
+}
+
+/// The address of an `addr/len` string (as summaries and IP contexts carry
+/// them).
+pub fn ip_of(cidr: &str) -> String {
+    cidr.split('/').next().unwrap_or_default().to_string()
+}
+
+/// Polls `cond` every 50 ms until it holds; after `timeout` panics with
+/// `why()`, evaluated then, so it can show the state and the daemons' logs
+/// at that moment. For tests.
+pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool, why: impl FnOnce() -> String) {
+    let t0 = std::time::Instant::now();
+    while !cond() {
+        if t0.elapsed() > timeout {
+            panic!("not within {timeout:?}: {}", why());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// [`wait_until`] for a condition that is awaited (a gRPC query): an error
+/// counts as "not yet" and is shown if time runs out.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let t0 = std::time::Instant::now();
+    let mut last = String::new();
+    while t0.elapsed() < timeout {
+        match f().await {
+            Ok(true) => return,
+            Ok(false) => last = "condition false".into(),
+            Err(e) => last = format!("{e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not true within {timeout:?} ({last})");
 }

@@ -6,43 +6,19 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nsm_lab::Lab;
-use nsm_lab::mesh::{self, NodeOpts, connections, links, nsc_init, ping};
-
-fn ip_of(cidr: &str) -> String {
-    cidr.split('/').next().unwrap_or_default().to_string()
-}
-
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let t0 = Instant::now();
-    let mut last = String::new();
-    while t0.elapsed() < timeout {
-        match f().await {
-            Ok(true) => return,
-            Ok(false) => last = "condition false".into(),
-            Err(e) => last = format!("{e:#}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what}: not true within {timeout:?} ({last})");
-}
+use nsm_lab::mesh::{self, ICMP, NodeOpts, connections, eventually, ip_of, links, nsc_init, ping};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_ping_refresh_close() {
-    let mut lab = mesh::test_lab("basic");
-    let node = mesh::start_node(&mut lab, "node1", &NodeOpts::default()).await.unwrap();
-    let nse = mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.1.100/31", &[]).await.unwrap();
+    let (mut lab, node, nse) = mesh::single_node("basic", &NodeOpts::default(), "172.16.1.100/31").await;
     let client = lab.add_netns("nsc1").unwrap();
 
     // Request: nsm-1 with the endpoint's addresses, both ways.
-    let run = nsc_init(&lab, &node, &client, "nsc", "kernel://icmp-responder/nsm-1", &[]).unwrap();
+    let run = nsc_init(&lab, &node, &client, ICMP, &[]).unwrap();
     assert!(run.ok, "nsc init failed: {}\n{}", run.stderr, lab.log_tail(&node.forwarder_name, 20));
     let s = &run.summaries[0];
     assert_eq!(s.interface, "nsm-1");
@@ -73,8 +49,7 @@ async fn request_ping_refresh_close() {
         "sidecar",
         &node,
         &client,
-        "nsc",
-        "kernel://icmp-responder/nsm-1",
+        ICMP,
         &[
             // Tokens of 2 s: the sidecar refreshes every ~400 ms.
             ("NSM_MAX_TOKEN_LIFETIME", "2s".into()),
@@ -101,11 +76,8 @@ async fn request_ping_refresh_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_clients() {
-    let mut lab = mesh::test_lab("fifty");
-    let node = mesh::start_node(&mut lab, "node1", &NodeOpts { log_level: "WARN".into(), ..Default::default() })
-        .await
-        .unwrap();
-    let nse = mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "10.100.0.0/16", &[]).await.unwrap();
+    let (mut lab, node, nse) =
+        mesh::single_node("fifty", &NodeOpts { log_level: "WARN".into(), ..Default::default() }, "10.100.0.0/16").await;
     let n = 50;
     let pods: Vec<String> = (0..n).map(|i| lab.add_netns(&format!("c{i}")).unwrap()).collect();
     let mut handles = vec![];
@@ -116,13 +88,11 @@ async fn fifty_concurrent_clients() {
             .arg("init")
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(mesh::nsc_env(&lab, &node, ICMP))
             .env("NSM_NAME", format!("client{i}"))
-            .env("NSM_CONNECT_TO", node.nsmgr_url.to_string())
-            .env("NSM_NETWORK_SERVICES", "kernel://icmp-responder/nsm-1")
             .env("NSM_OUTPUT", "json")
             .env("NSM_LOG_LEVEL", "WARN")
-            .env("NSM_REQUEST_TIMEOUT", "60s")
-            .envs(nsm_lab::spire::env(&lab, node.cluster));
+            .env("NSM_REQUEST_TIMEOUT", "60s");
         handles.push(std::thread::spawn(move || nsm_lab::env::output_with_timeout(cmd, Duration::from_secs(90))));
     }
     let mut addrs = HashSet::new();
@@ -177,7 +147,7 @@ async fn unhappy_paths_have_clear_errors_and_leave_nothing() {
     .unwrap();
     let client = lab.add_netns("nsc1").unwrap();
     let fail = |lab: &Lab, nsurl: &str, extra: &[(&str, String)]| {
-        let r = nsc_init(lab, &node, &client, "nsc", nsurl, extra).unwrap();
+        let r = nsc_init(lab, &node, &client, nsurl, extra).unwrap();
         assert!(!r.ok, "{nsurl} must fail");
         r
     };
@@ -228,7 +198,7 @@ async fn unhappy_paths_have_clear_errors_and_leave_nothing() {
 
     // A connection id another client owns: client A connects; client B (its
     // own pod) re-requests A's connection with A's full path.
-    let ok = nsc_init(&lab, &node, &client, "owner", "kernel://icmp-responder/nsm-1", &[]).unwrap();
+    let ok = nsc_init(&lab, &node, &client, ICMP, &[("NSM_NAME", "owner".into())]).unwrap();
     assert!(ok.ok, "{}", ok.stderr);
     let conns = connections(&lab, &node.nsmgr_url).await.unwrap();
     assert_eq!(conns.len(), 1);
@@ -247,7 +217,7 @@ async fn unhappy_paths_have_clear_errors_and_leave_nothing() {
             &[
                 ("NSM_NAME", "owner".into()),
                 ("NSM_CONNECT_TO", node.nsmgr_url.to_string()),
-                ("NSM_NETWORK_SERVICES", "kernel://icmp-responder/nsm-1".into()),
+                ("NSM_NETWORK_SERVICES", ICMP.into()),
                 ("NSM_REQUEST_TIMEOUT", "5s".into()),
                 nsm_lab::spire::env(&lab, node.cluster).remove(0),
             ],
@@ -266,8 +236,7 @@ async fn unhappy_paths_have_clear_errors_and_leave_nothing() {
     lab.signal("nse1", Signal::SIGKILL).unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let r =
-        nsc_init(&lab, &node, &c2, "nsc2", "kernel://icmp-responder/nsm-1", &[("NSM_REQUEST_TIMEOUT", "2s".into())])
-            .unwrap();
+        nsc_init(&lab, &node, &c2, ICMP, &[("NSM_NAME", "nsc2".into()), ("NSM_REQUEST_TIMEOUT", "2s".into())]).unwrap();
     assert!(!r.ok);
     assert!(r.stderr.contains("nse1") && r.stderr.contains("Unavailable"), "{}", r.stderr);
     assert!(links(&lab, &c2).unwrap().is_empty());

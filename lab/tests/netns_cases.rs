@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nsm_lab::env::output_with_timeout;
-use nsm_lab::mesh::{self, NodeOpts, NscSummary, connections};
+use nsm_lab::mesh::{self, ICMP, NodeOpts, NscSummary, connections, eventually, wait_until};
 
 /// A Kubernetes-style pod sandbox: a "pause" process that holds a fresh
 /// network namespace (in its own PID namespace). The namespace is not
@@ -64,9 +64,7 @@ impl Drop for Pause {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_container_in_own_pid_namespace_that_exits() {
-    let mut lab = mesh::test_lab("initc");
-    let node = mesh::start_node(&mut lab, "node1", &NodeOpts::default()).await.unwrap();
-    mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.3.0/31", &[]).await.unwrap();
+    let (lab, node, _nse) = mesh::single_node("initc", &NodeOpts::default(), "172.16.3.0/31").await;
     let pod = Pause::start();
 
     // The client runs in the pod's netns but in its *own* PID namespace, so
@@ -80,15 +78,13 @@ async fn init_container_in_own_pid_namespace_that_exits() {
         .arg("init")
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(mesh::nsc_env(&lab, &node, ICMP))
         .env("NSM_NAME", "initc")
-        .env("NSM_CONNECT_TO", node.nsmgr_url.to_string())
-        .env("NSM_NETWORK_SERVICES", "kernel://icmp-responder/nsm-1")
         .env("NSM_OUTPUT", "json")
         .env("NSM_LOG_LEVEL", "WARN")
         // Nobody refreshes after the init container exits: the mesh must
         // close the connection when this token expires.
-        .env("NSM_MAX_TOKEN_LIFETIME", "3s")
-        .envs(nsm_lab::spire::env(&lab, node.cluster));
+        .env("NSM_MAX_TOKEN_LIFETIME", "3s");
     let out = output_with_timeout(c, Duration::from_secs(30)).unwrap();
     assert!(
         out.status.success(),
@@ -104,29 +100,24 @@ async fn init_container_in_own_pid_namespace_that_exits() {
     // The client is gone; its token expires; the nsmgr closes the connection
     // down the path and the forwarder removes the interface from a netns
     // whose client process no longer exists.
-    let t0 = Instant::now();
-    while !pod.links().is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "interface not removed after the token expired");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || pod.links().is_empty(),
+        || "interface not removed after the token expired".into(),
+    )
+    .await;
     // The nsmgr forgets the connection once the Close it sent has returned.
-    let t0 = Instant::now();
-    while !connections(&lab, &node.nsmgr_url).await.unwrap().is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(5), "the nsmgr still reports the connection");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let forgotten = || async { Ok(connections(&lab, &node.nsmgr_url).await?.is_empty()) };
+    eventually("the nsmgr forgets the connection", Duration::from_secs(5), forgotten).await;
     assert!(connections(&lab, &node.forwarder_url).await.unwrap().is_empty());
     assert!(lab.log_tail(&node.nsmgr_name, 50).contains("token expired"), "nsmgr log should say why it closed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dual_stack_addresses_and_ipv6_without_dad() {
-    let mut lab = mesh::test_lab("dual");
-    let node = mesh::start_node(&mut lab, "node1", &NodeOpts::default()).await.unwrap();
-    let nse =
-        mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "10.60.0.0/24,fd00:60::/64", &[]).await.unwrap();
+    let (mut lab, node, nse) = mesh::single_node("dual", &NodeOpts::default(), "10.60.0.0/24,fd00:60::/64").await;
     let client = lab.add_netns("nsc1").unwrap();
-    let run = mesh::nsc_init(&lab, &node, &client, "nsc", "kernel://icmp-responder/nsm-1", &[]).unwrap();
+    let run = mesh::nsc_init(&lab, &node, &client, ICMP, &[]).unwrap();
     assert!(run.ok, "{}", run.stderr);
     let s = &run.summaries[0];
     let v6: Vec<_> = s.dst_ips.iter().filter(|a| a.contains(':')).collect();

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nsm_api::connection::{Connection, Mechanism, Path, PathSegment};
@@ -15,18 +15,16 @@ use nsm_api::networkservice::network_service_client::NetworkServiceClient;
 use nsm_api::registry::NetworkServiceEndpoint;
 use nsm_lab::cluster;
 use nsm_lab::env::Lab;
-use nsm_lab::mesh::{self, NodeOpts, NscSummary, connections, df_ping, link_kind, links, nsc_init, ping};
+use nsm_lab::mesh::{
+    self, NodeOpts, NscSummary, connections, df_ping, eventually, ip_of, link_kind, links, nsc_init, ping, wait_until,
+};
 use nsm_sdk::networkservice::chain::{Context, Peer};
 use nsm_sdk::registry::{NseRegistry, find_nses};
 use nsm_sdk::tools::grpc::dial_with;
 use nsm_sdk::tools::token;
 
-fn ip_of(cidr: &str) -> String {
-    cidr.split('/').next().unwrap_or_default().to_string()
-}
-
 fn summary(lab: &Lab, node: &mesh::Node, pod: &str, nsurl: &str, extra: &[(&str, String)]) -> NscSummary {
-    let r = nsc_init(lab, node, pod, "nsc", nsurl, extra).unwrap();
+    let r = nsc_init(lab, node, pod, nsurl, extra).unwrap();
     assert!(r.ok, "nsc init {nsurl}: {}", r.stderr);
     r.summaries[0].clone()
 }
@@ -55,20 +53,14 @@ fn check_wire(lab: &Lab, client: &str, nse_ns: &str, s: &NscSummary, kind: &str,
 /// node namespaces, connection state at every hop.
 async fn assert_clean(lab: &Lab, pods: &[&str], nodes: &[&mesh::Node]) {
     for p in pods {
-        let t0 = Instant::now();
-        while !links(lab, p).unwrap().is_empty() {
-            assert!(t0.elapsed() < Duration::from_secs(5), "{p} still has {:?}", links(lab, p).unwrap());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let left = || links(lab, p).unwrap();
+        wait_until(Duration::from_secs(5), || left().is_empty(), || format!("{p} still has {:?}", left())).await;
     }
     for n in nodes {
         assert_eq!(links(lab, &n.netns).unwrap(), ["eth0"], "tunnel devices left in {}", n.netns);
         for u in [&n.nsmgr_url, &n.forwarder_url] {
-            let t0 = Instant::now();
-            while !connections(lab, u).await.unwrap().is_empty() {
-                assert!(t0.elapsed() < Duration::from_secs(5), "{u} still reports connections");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            let what = format!("{u} reports no connection");
+            eventually(&what, Duration::from_secs(5), || async { Ok(connections(lab, u).await?.is_empty()) }).await;
         }
     }
 }
@@ -80,14 +72,9 @@ fn wg_socket(forwarder_conn_id: &str) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_node_vxlan_ethernet_and_ip_payload() {
-    let mut lab = mesh::test_lab("xvx");
-    let opts = NodeOpts {
-        // IP payload over VXLAN too: VXLAN first.
-        forwarder_env: vec![("NSM_MECHANISM_PRIORITY".into(), "VXLAN,WIREGUARD".into())],
-        ..Default::default()
-    };
-    let topo = cluster::build(&mut lab, 1, 2, &opts).await.unwrap();
-    let (n1, n2) = (topo.node(1, 1).clone(), topo.node(1, 2).clone());
+    // IP payload over VXLAN too: VXLAN first.
+    let opts = NodeOpts::with_forwarder_env("NSM_MECHANISM_PRIORITY", "VXLAN,WIREGUARD");
+    let (mut lab, n1, n2) = cluster::two_nodes("xvx", &opts).await;
     let l2 = mesh::start_nse(&mut lab, &n2, "nse-l2", "l2", "172.16.20.0/31", &[("NSM_PAYLOAD", "ETHERNET".into())])
         .await
         .unwrap();
@@ -138,12 +125,9 @@ async fn cross_cluster_wireguard_and_vxlan_then_close() {
             .unwrap();
     let pod = lab.add_netns("pod").unwrap();
     let nsurls = "kernel://secure@my.cluster2/nsm-1,kernel://bridge@my.cluster2/nsm-2";
-    mesh::spawn_nsc_sidecar(&mut lab, "client", &a, &pod, "nsc", nsurls, &[]).unwrap();
-    let t0 = Instant::now();
-    while links(&lab, &pod).unwrap().len() < 2 {
-        assert!(t0.elapsed() < Duration::from_secs(15), "wires not up: {}", lab.log_tail("client", 20));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    mesh::spawn_nsc_sidecar(&mut lab, "client", &a, &pod, nsurls, &[]).unwrap();
+    let up = || links(&lab, &pod).unwrap().len() == 2;
+    wait_until(Duration::from_secs(15), up, || format!("wires not up: {}", lab.log_tail("client", 20))).await;
     let by_iface = |iface: &str, svc: &str, nse: &str| NscSummary {
         id: String::new(),
         network_service: svc.into(),
@@ -167,14 +151,8 @@ async fn cross_cluster_wireguard_and_vxlan_then_close() {
     check_wire(&lab, &pod, &eth.netns, &vx, "vxlan", 1450);
 
     // `wg show` reads both userspace devices through their UAPI sockets.
-    let fwd_a = connections(&lab, &a.forwarder_url).await.unwrap();
-    let fwd_b = connections(&lab, &b.forwarder_url).await.unwrap();
-    let wg_ids: Vec<String> = fwd_a
-        .iter()
-        .chain(fwd_b.iter())
-        .filter(|c| c.network_service.starts_with("secure"))
-        .map(|c| c.id.clone())
-        .collect();
+    let mut wg_ids = mesh::forwarder_conn_ids(&lab, &[&a], "secure@my.cluster2").await.unwrap();
+    wg_ids.extend(mesh::forwarder_conn_ids(&lab, &[&b], "secure").await.unwrap());
     assert_eq!(wg_ids.len(), 2, "one WireGuard connection on each forwarder");
     for id in &wg_ids {
         let sock = wg_socket(id);
@@ -189,12 +167,7 @@ async fn cross_cluster_wireguard_and_vxlan_then_close() {
     // cluster 1 -> registry of cluster 2, each hop with mutual TLS and its
     // own token (the last registry authorizes the whole path).
     let ctx = Context::with_timeout(Duration::from_secs(5));
-    let float = NetworkServiceEndpoint {
-        name: "lab-float@my.cluster2".into(),
-        network_service_names: vec!["secure".into()],
-        url: "tcp://10.1.0.1:5999".into(),
-        ..Default::default()
-    };
+    let float = mesh::nse_record("lab-float@my.cluster2", "secure", "tcp://10.1.0.1:5999");
     NseRegistry::register(&lab.registry(&a.nsmgr_url, Duration::from_secs(2)), &ctx, float.clone()).await.unwrap();
     let q = NetworkServiceEndpoint { name: "lab-float".into(), ..Default::default() };
     let there = lab.registry(&b.nsmgr_url, Duration::from_secs(2));
@@ -212,10 +185,8 @@ async fn cross_cluster_wireguard_and_vxlan_then_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_forwarders_leave_no_orphans() {
-    let mut lab = mesh::test_lab("orph");
-    let opts = NodeOpts { forwarder_env: vec![("NSM_ORPHAN_GRACE".into(), "2s".into())], ..Default::default() };
-    let topo = cluster::build(&mut lab, 1, 2, &opts).await.unwrap();
-    let (n1, n2) = (topo.node(1, 1).clone(), topo.node(1, 2).clone());
+    let opts = NodeOpts::with_forwarder_env("NSM_ORPHAN_GRACE", "2s");
+    let (mut lab, n1, n2) = cluster::two_nodes("orph", &opts).await;
     let vx = mesh::start_nse(&mut lab, &n2, "nse-vx", "vx", "172.16.40.0/31", &[("NSM_PAYLOAD", "ETHERNET".into())])
         .await
         .unwrap();
@@ -223,16 +194,9 @@ async fn killed_forwarders_leave_no_orphans() {
         .await
         .unwrap();
     let pod = lab.add_netns("pod").unwrap();
-    let r = nsc_init(&lab, &n1, &pod, "nsc", "kernel://vx/nsm-1,kernel://wg/nsm-2", &[]).unwrap();
+    let r = nsc_init(&lab, &n1, &pod, "kernel://vx/nsm-1,kernel://wg/nsm-2", &[]).unwrap();
     assert!(r.ok, "{}", r.stderr);
-    let wg_ids: Vec<String> = connections(&lab, &n1.forwarder_url)
-        .await
-        .unwrap()
-        .into_iter()
-        .chain(connections(&lab, &n2.forwarder_url).await.unwrap())
-        .filter(|c| c.network_service == "wg")
-        .map(|c| c.id)
-        .collect();
+    let wg_ids = mesh::forwarder_conn_ids(&lab, &[&n1, &n2], "wg").await.unwrap();
     assert_eq!(links(&lab, &pod).unwrap().len(), 2);
 
     // kill -9 both forwarders mid-connection (nobody closes), restart them.
@@ -258,16 +222,11 @@ async fn killed_forwarders_leave_no_orphans() {
     }
     // Nobody refreshes these connections: after NSM_ORPHAN_GRACE the
     // restarted forwarders remove what the killed ones built.
-    let t0 = Instant::now();
-    while !links(&lab, &pod).unwrap().is_empty() || !links(&lab, &vx.netns).unwrap().is_empty() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "orphans left: pod {:?}, endpoint {:?}",
-            links(&lab, &pod).unwrap(),
-            links(&lab, &vx.netns).unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let gone = || links(&lab, &pod).unwrap().is_empty() && links(&lab, &vx.netns).unwrap().is_empty();
+    wait_until(Duration::from_secs(10), gone, || {
+        format!("orphans left: pod {:?}, endpoint {:?}", links(&lab, &pod).unwrap(), links(&lab, &vx.netns).unwrap())
+    })
+    .await;
     assert!(links(&lab, &wgn.netns).unwrap().is_empty());
     assert_eq!(links(&lab, &n1.netns).unwrap(), ["eth0"]);
     assert_eq!(links(&lab, &n2.netns).unwrap(), ["eth0"]);
@@ -275,20 +234,12 @@ async fn killed_forwarders_leave_no_orphans() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_down_after_a_forwarder_was_killed_leaves_no_uapi_socket() {
-    let mut lab = mesh::test_lab("wgdown");
-    let topo = cluster::build(&mut lab, 1, 2, &NodeOpts::default()).await.unwrap();
-    let (n1, n2) = (topo.node(1, 1).clone(), topo.node(1, 2).clone());
+    let (mut lab, n1, n2) = cluster::two_nodes("wgdown", &NodeOpts::default()).await;
     mesh::start_nse(&mut lab, &n2, "nse-wg", "wg", "172.16.42.0/31", &[("NSM_PAYLOAD", "IP".into())]).await.unwrap();
     let pod = lab.add_netns("pod").unwrap();
-    let r = nsc_init(&lab, &n1, &pod, "nsc", "kernel://wg/nsm-1", &[]).unwrap();
+    let r = nsc_init(&lab, &n1, &pod, "kernel://wg/nsm-1", &[]).unwrap();
     assert!(r.ok, "{}", r.stderr);
-    let wg_ids: Vec<String> = connections(&lab, &n1.forwarder_url)
-        .await
-        .unwrap()
-        .into_iter()
-        .chain(connections(&lab, &n2.forwarder_url).await.unwrap())
-        .map(|c| c.id)
-        .collect();
+    let wg_ids = mesh::forwarder_conn_ids(&lab, &[&n1, &n2], "wg").await.unwrap();
     assert_eq!(wg_ids.len(), 2);
     for id in &wg_ids {
         assert!(wg_socket(id).exists(), "{} missing", wg_socket(id).display());
@@ -344,14 +295,9 @@ fn remote(t: &str, params: &[(&str, &str)]) -> Mechanism {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_remote_input_is_refused_and_nothing_is_built() {
-    let mut lab = mesh::test_lab("bad");
-    let opts = NodeOpts {
-        // One WireGuard port only, so we can occupy it.
-        forwarder_env: vec![("NSM_WIREGUARD_PORTS".into(), "51999-51999".into())],
-        ..Default::default()
-    };
-    let topo = cluster::build(&mut lab, 1, 2, &opts).await.unwrap();
-    let (n1, n2) = (topo.node(1, 1).clone(), topo.node(1, 2).clone());
+    // One WireGuard port only, so we can occupy it.
+    let opts = NodeOpts::with_forwarder_env("NSM_WIREGUARD_PORTS", "51999-51999");
+    let (mut lab, n1, n2) = cluster::two_nodes("bad", &opts).await;
     let e =
         mesh::start_nse(&mut lab, &n2, "nse1", "svc", "172.16.50.0/31", &[("NSM_PAYLOAD", "IP".into())]).await.unwrap();
     let key = "K9JdWl8DdvNAAt1BVhsbb7lw+ytPQhJAHu2u/IGyp2E=";
@@ -390,7 +336,7 @@ async fn bad_remote_input_is_refused_and_nothing_is_built() {
     let mut holder = hold(51999);
     std::thread::sleep(Duration::from_millis(300));
     let pod = lab.add_netns("pod").unwrap();
-    let r = nsc_init(&lab, &n1, &pod, "nsc", "kernel://svc/nsm-1", &[("NSM_REQUEST_TIMEOUT", "3s".into())]).unwrap();
+    let r = nsc_init(&lab, &n1, &pod, "kernel://svc/nsm-1", &[("NSM_REQUEST_TIMEOUT", "3s".into())]).unwrap();
     assert!(!r.ok);
     assert!(r.stderr.contains("51999") && r.stderr.contains("in use"), "{}", r.stderr);
     holder.kill().unwrap();
@@ -406,7 +352,14 @@ async fn bad_remote_input_is_refused_and_nothing_is_built() {
     assert!(links(&lab, &e2.netns).unwrap().is_empty());
     let mut holder = hold(4789);
     std::thread::sleep(Duration::from_millis(300));
-    let r = nsc_init(&lab, &n1, &pod, "nsc2", "kernel://l2/nsm-2", &[("NSM_REQUEST_TIMEOUT", "3s".into())]).unwrap();
+    let r = nsc_init(
+        &lab,
+        &n1,
+        &pod,
+        "kernel://l2/nsm-2",
+        &[("NSM_NAME", "nsc2".into()), ("NSM_REQUEST_TIMEOUT", "3s".into())],
+    )
+    .unwrap();
     holder.kill().unwrap();
     holder.wait().unwrap();
     assert!(!r.ok);
@@ -416,11 +369,8 @@ async fn bad_remote_input_is_refused_and_nothing_is_built() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_forwarder_adopts_an_ip_vxlan_wire() {
-    let mut lab = mesh::test_lab("adopt");
-    let opts =
-        NodeOpts { forwarder_env: vec![("NSM_MECHANISM_PRIORITY".into(), "VXLAN".into())], ..Default::default() };
-    let topo = cluster::build(&mut lab, 1, 2, &opts).await.unwrap();
-    let (n1, n2) = (topo.node(1, 1).clone(), topo.node(1, 2).clone());
+    let opts = NodeOpts::with_forwarder_env("NSM_MECHANISM_PRIORITY", "VXLAN");
+    let (mut lab, n1, n2) = cluster::two_nodes("adopt", &opts).await;
     mesh::start_nse(&mut lab, &n2, "nse1", "l3", "172.16.60.0/31", &[("NSM_PAYLOAD", "IP".into())]).await.unwrap();
     let pod = lab.add_netns("pod").unwrap();
     mesh::spawn_nsc_sidecar(
@@ -428,16 +378,12 @@ async fn restarted_forwarder_adopts_an_ip_vxlan_wire() {
         "client",
         &n1,
         &pod,
-        "nsc",
         "kernel://l3/nsm-1",
         &[("NSM_MAX_TOKEN_LIFETIME", "2s".into())],
     )
     .unwrap();
-    let t0 = Instant::now();
-    while links(&lab, &pod).unwrap() != ["nsm-1"] {
-        assert!(t0.elapsed() < Duration::from_secs(10), "{}", lab.log_tail("client", 20));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let up = || links(&lab, &pod).unwrap() == ["nsm-1"];
+    wait_until(Duration::from_secs(10), up, || lab.log_tail("client", 20)).await;
     let ifindex = |lab: &Lab| {
         let o = lab.exec(&pod, &["cat", "/sys/class/net/nsm-1/ifindex"], Duration::from_secs(5)).unwrap();
         String::from_utf8_lossy(&o.stdout).trim().to_string()

@@ -5,11 +5,11 @@
 //! removes both ends. Real binaries, real namespaces (root).
 #![allow(clippy::unwrap_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nsm_lab::Lab;
-use nsm_lab::mesh::{self, NodeOpts, connections, links, nsc_init, ping};
+use nsm_lab::mesh::{self, ICMP, NodeOpts, connections, eventually, links, nsc_init, ping, wait_until};
 
 fn ifindex(lab: &Lab, netns: &str, ifname: &str) -> String {
     let o = lab.exec(netns, &["cat", &format!("/sys/class/net/{ifname}/ifindex")], Duration::from_secs(5)).unwrap();
@@ -18,26 +18,13 @@ fn ifindex(lab: &Lab, netns: &str, ifname: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_forwarder_adopts_its_wire_after_restart() {
-    let mut lab = mesh::test_lab("fwdkil");
     let opts = NodeOpts::default();
-    let node = mesh::start_node(&mut lab, "node1", &opts).await.unwrap();
-    let nse = mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.4.0/31", &[]).await.unwrap();
+    let (mut lab, node, nse) = mesh::single_node("fwdkil", &opts, "172.16.4.0/31").await;
     let client = lab.add_netns("nsc1").unwrap();
-    mesh::spawn_nsc_sidecar(
-        &mut lab,
-        "sidecar",
-        &node,
-        &client,
-        "nsc",
-        "kernel://icmp-responder/nsm-1",
-        &[("NSM_MAX_TOKEN_LIFETIME", "2s".into())],
-    )
-    .unwrap();
-    let t0 = Instant::now();
-    while links(&lab, &client).unwrap() != ["nsm-1"] {
-        assert!(t0.elapsed() < Duration::from_secs(10), "no wire: {}", lab.log_tail("sidecar", 20));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    mesh::spawn_nsc_sidecar(&mut lab, "sidecar", &node, &client, ICMP, &[("NSM_MAX_TOKEN_LIFETIME", "2s".into())])
+        .unwrap();
+    let up = || links(&lab, &client).unwrap() == ["nsm-1"];
+    wait_until(Duration::from_secs(10), up, || format!("no wire: {}", lab.log_tail("sidecar", 20))).await;
     let before = ifindex(&lab, &client, "nsm-1");
     let nse_if = links(&lab, &nse.netns).unwrap().remove(0);
 
@@ -66,48 +53,30 @@ async fn killed_forwarder_adopts_its_wire_after_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_reaching_a_restarted_forwarder_removes_the_wire() {
-    let mut lab = mesh::test_lab("fwdcls");
     let opts = NodeOpts::default();
-    let node = mesh::start_node(&mut lab, "node1", &opts).await.unwrap();
-    let nse = mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.4.0/31", &[]).await.unwrap();
+    let (mut lab, node, nse) = mesh::single_node("fwdcls", &opts, "172.16.4.0/31").await;
     let client = lab.add_netns("nsc1").unwrap();
     // An init-style client whose token lasts 3 s and is never refreshed.
-    let run = nsc_init(
-        &lab,
-        &node,
-        &client,
-        "nsc",
-        "kernel://icmp-responder/nsm-1",
-        &[("NSM_MAX_TOKEN_LIFETIME", "3s".into())],
-    )
-    .unwrap();
+    let run = nsc_init(&lab, &node, &client, ICMP, &[("NSM_MAX_TOKEN_LIFETIME", "3s".into())]).unwrap();
     assert!(run.ok, "{}", run.stderr);
     lab.signal(&node.forwarder_name, Signal::SIGKILL).unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     mesh::start_forwarder(&mut lab, &node, &opts).await.unwrap();
     // The nsmgr times the connection out and closes it through the new
     // forwarder, which never saw it: the wire must still go, on both sides.
-    let t0 = Instant::now();
-    while !links(&lab, &client).unwrap().is_empty() || !links(&lab, &nse.netns).unwrap().is_empty() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
+    let gone = || links(&lab, &client).unwrap().is_empty() && links(&lab, &nse.netns).unwrap().is_empty();
+    wait_until(Duration::from_secs(10), gone, || {
+        format!(
             "wire not removed: client {:?}, endpoint {:?}\n{}",
             links(&lab, &client).unwrap(),
             links(&lab, &nse.netns).unwrap(),
             lab.log_tail(&node.forwarder_name, 20)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        )
+    })
+    .await;
     // The interfaces go first, then the Close travels on to the endpoint.
-    while !connections(&lab, &node.nsmgr_url).await.unwrap().is_empty()
-        || !connections(&lab, &nse.url).await.unwrap().is_empty()
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the nsmgr or the endpoint still has the connection:\n{}\n{}",
-            lab.log_tail(&node.nsmgr_name, 20),
-            lab.log_tail(&nse.name, 20)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let forgotten = || async {
+        Ok(connections(&lab, &node.nsmgr_url).await?.is_empty() && connections(&lab, &nse.url).await?.is_empty())
+    };
+    eventually("the nsmgr and the endpoint forget the connection", Duration::from_secs(10), forgotten).await;
 }

@@ -19,12 +19,11 @@ async fn python_grpc_client_requests_and_closes() {
         "python3 with grpcio-tools is required (pip install grpcio grpcio-tools; scripts/setup.sh does it): {}",
         String::from_utf8_lossy(&probe.stderr)
     );
-    let mut lab = mesh::test_lab("pycli");
     // Plaintext: grpcio's TLS always checks the server's DNS name, which
     // an X.509-SVID (URI SAN only) cannot pass; Go and Rust clients verify
     // SPIFFE IDs instead.
-    let node = mesh::start_node(&mut lab, "node1", &NodeOpts { insecure: true, ..Default::default() }).await.unwrap();
-    let nse = mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.9.0/31", &[]).await.unwrap();
+    let (mut lab, node, nse) =
+        mesh::single_node("pycli", &NodeOpts { insecure: true, ..Default::default() }, "172.16.9.0/31").await;
     let pod = lab.add_netns("py").unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let script = root.join("lab/tests/py/nsm_client.py");

@@ -14,7 +14,7 @@ use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_api::networkservice::network_service_client::NetworkServiceClient;
 use nsm_api::registry::NetworkServiceEndpoint;
 use nsm_lab::Lab;
-use nsm_lab::mesh::{self, NodeOpts, connections, links, nsc_init, ping};
+use nsm_lab::mesh::{self, ICMP, NodeOpts, connections, links, nsc_init, ping, wait_until};
 use nsm_sdk::networkservice::chain::Context;
 use nsm_sdk::registry::{NseRegistry, find_nses};
 use nsm_sdk::security::SvidSource;
@@ -63,9 +63,7 @@ fn assert_refused_by(st: &tonic::Status, policy: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_tokens_and_foreign_registrations_are_refused_by_the_right_policy() {
-    let mut lab = mesh::test_lab("forge");
-    let node = mesh::start_node(&mut lab, "node1", &NodeOpts::default()).await.unwrap();
-    mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.60.0/31", &[]).await.unwrap();
+    let (lab, node, _nse) = mesh::single_node("forge", &NodeOpts::default(), "172.16.60.0/31").await;
     let me = lab.tls().unwrap().svid().unwrap();
     let nsmgr_id = "spiffe://nsm.cluster1/ns/nsm-system/sa/nsmgr";
     let key = &me.private_key_pkcs8;
@@ -118,12 +116,7 @@ async fn forged_tokens_and_foreign_registrations_are_refused_by_the_right_policy
     // Registry: the name nse1 belongs to the endpoint that registered it.
     let reg = lab.registry(url, Duration::from_secs(2));
     let ctx = Context::with_timeout(Duration::from_secs(5));
-    let hijack = NetworkServiceEndpoint {
-        name: "nse1".into(),
-        network_service_names: vec!["icmp-responder".into()],
-        url: "tcp://10.99.0.1:5001".into(),
-        ..Default::default()
-    };
+    let hijack = mesh::nse_record("nse1", "icmp-responder", "tcp://10.99.0.1:5001");
     let st = NseRegistry::register(&reg, &ctx, hijack).await.unwrap_err();
     assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
     assert!(st.message().contains("policy client_allowed denied"), "{}", st.message());
@@ -143,11 +136,9 @@ async fn forged_tokens_and_foreign_registrations_are_refused_by_the_right_policy
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_identity_cannot_close_or_refresh_a_connection_by_its_id() {
-    let mut lab = mesh::test_lab("hijack");
-    let node = mesh::start_node(&mut lab, "node1", &NodeOpts::default()).await.unwrap();
-    mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.63.0/31", &[]).await.unwrap();
+    let (mut lab, node, _nse) = mesh::single_node("hijack", &NodeOpts::default(), "172.16.63.0/31").await;
     let pod = lab.add_netns("pod").unwrap();
-    let run = nsc_init(&lab, &node, &pod, "nsc", "kernel://icmp-responder/nsm-1", &[]).unwrap();
+    let run = nsc_init(&lab, &node, &pod, ICMP, &[]).unwrap();
     assert!(run.ok, "{}", run.stderr);
     let url = &node.nsmgr_url;
     let victim = connections(&lab, url).await.unwrap().remove(0);
@@ -213,11 +204,9 @@ async fn segment_tokens(lab: &Lab, url: &url::Url) -> Vec<(String, Claims)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_remints_the_token_of_every_hop() {
-    let mut lab = mesh::test_lab("remint");
-    let node = mesh::start_node(&mut lab, "node1", &NodeOpts::default()).await.unwrap();
-    let nse = mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.61.0/31", &[]).await.unwrap();
+    let (mut lab, node, nse) = mesh::single_node("remint", &NodeOpts::default(), "172.16.61.0/31").await;
     let pod = lab.add_netns("pod").unwrap();
-    let run = nsc_init(&lab, &node, &pod, "nsc", "kernel://icmp-responder/nsm-1", &[]).unwrap();
+    let run = nsc_init(&lab, &node, &pod, ICMP, &[]).unwrap();
     assert!(run.ok, "{}", run.stderr);
     assert_eq!(run.summaries[0].spiffe_ids.len(), 4);
     assert!(
@@ -234,16 +223,8 @@ async fn a_refresh_remints_the_token_of_every_hop() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // The sidecar adopts the connection and refreshes it (tokens of 3 s:
     // every ~600 ms).
-    mesh::spawn_nsc_sidecar(
-        &mut lab,
-        "sidecar",
-        &node,
-        &pod,
-        "nsc",
-        "kernel://icmp-responder/nsm-1",
-        &[("NSM_MAX_TOKEN_LIFETIME", "3s".into())],
-    )
-    .unwrap();
+    mesh::spawn_nsc_sidecar(&mut lab, "sidecar", &node, &pod, ICMP, &[("NSM_MAX_TOKEN_LIFETIME", "3s".into())])
+        .unwrap();
     let t0 = Instant::now();
     loop {
         let after = segment_tokens(&lab, &nse.url).await;
@@ -265,21 +246,19 @@ async fn a_refresh_remints_the_token_of_every_hop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn svid_rotation_under_a_live_connection_keeps_refreshes_and_the_wire() {
-    let mut lab = mesh::test_lab("rotate");
     // SVIDs of 4 s, rotated every ~2 s; tokens end with the SVID, so the
     // sidecar refreshes about twice a second.
     let opts = NodeOpts { svid_ttl: "4s".into(), ..Default::default() };
-    let node = mesh::start_node(&mut lab, "node1", &opts).await.unwrap();
-    let nse = mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.62.0/31", &[]).await.unwrap();
+    let (mut lab, node, nse) = mesh::single_node("rotate", &opts, "172.16.62.0/31").await;
     let pod = lab.add_netns("pod").unwrap();
-    let run = nsc_init(&lab, &node, &pod, "nsc", "kernel://icmp-responder/nsm-1", &[]).unwrap();
+    let run = nsc_init(&lab, &node, &pod, ICMP, &[]).unwrap();
     assert!(run.ok, "{}", run.stderr);
     let ifindex = |lab: &Lab| {
         let o = lab.exec(&pod, &["cat", "/sys/class/net/nsm-1/ifindex"], Duration::from_secs(5)).unwrap();
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };
     let before = ifindex(&lab);
-    mesh::spawn_nsc_sidecar(&mut lab, "sidecar", &node, &pod, "nsc", "kernel://icmp-responder/nsm-1", &[]).unwrap();
+    mesh::spawn_nsc_sidecar(&mut lab, "sidecar", &node, &pod, ICMP, &[]).unwrap();
     // Several rotations of every component.
     tokio::time::sleep(Duration::from_secs(9)).await;
     for d in [&node.nsmgr_name, &node.forwarder_name, &nse.name, &"sidecar".to_string()] {
@@ -305,28 +284,20 @@ async fn svid_rotation_under_a_live_connection_keeps_refreshes_and_the_wire() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_policy_file_denying_a_label_is_honoured() {
-    let mut lab = mesh::test_lab("rego");
-    let file = lab.dir().join("no-red.rego");
+    let policies = tempfile::tempdir().unwrap();
+    let file = policies.path().join("no-red.rego");
     std::fs::write(
         &file,
         "package nsm\n\n# Operators: no red connections here.\ndefault valid := false\n\nvalid if not input.labels.color == \"red\"\n",
     )
     .unwrap();
-    let opts =
-        NodeOpts { nsmgr_env: vec![("NSM_POLICY_FILES".into(), file.display().to_string())], ..Default::default() };
-    let node = mesh::start_node(&mut lab, "node1", &opts).await.unwrap();
-    mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.63.0/30", &[]).await.unwrap();
+    let opts = NodeOpts::with_nsmgr_env("NSM_POLICY_FILES", &file.display().to_string());
+    let (mut lab, node, _nse) = mesh::single_node("rego", &opts, "172.16.63.0/30").await;
     assert!(lab.log_tail(&node.nsmgr_name, 40).contains("no-red.rego"), "the nsmgr names its policies at start");
     let red = lab.add_netns("red").unwrap();
-    let r = nsc_init(
-        &lab,
-        &node,
-        &red,
-        "nsc",
-        "kernel://icmp-responder/nsm-1?color=red",
-        &[("NSM_REQUEST_TIMEOUT", "3s".into())],
-    )
-    .unwrap();
+    let r =
+        nsc_init(&lab, &node, &red, "kernel://icmp-responder/nsm-1?color=red", &[("NSM_REQUEST_TIMEOUT", "3s".into())])
+            .unwrap();
     assert!(!r.ok);
     assert!(
         r.stderr.contains("no sufficient privileges") && r.stderr.contains("no-red.rego"),
@@ -335,25 +306,16 @@ async fn an_operator_policy_file_denying_a_label_is_honoured() {
     );
     assert!(links(&lab, &red).unwrap().is_empty(), "nothing built for the refused client");
     let blue = lab.add_netns("blue").unwrap();
-    let b = nsc_init(&lab, &node, &blue, "nsc", "kernel://icmp-responder/nsm-1?color=blue", &[]).unwrap();
+    let b = nsc_init(&lab, &node, &blue, "kernel://icmp-responder/nsm-1?color=blue", &[]).unwrap();
     assert!(b.ok, "{}", b.stderr);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plaintext_client_cannot_reach_a_tls_nsmgr() {
-    let mut lab = mesh::test_lab("plain");
-    let node = mesh::start_node(&mut lab, "node1", &NodeOpts::default()).await.unwrap();
-    mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.64.0/31", &[]).await.unwrap();
+    let (mut lab, node, _nse) = mesh::single_node("plain", &NodeOpts::default(), "172.16.64.0/31").await;
     let pod = lab.add_netns("pod").unwrap();
-    let r = nsc_init(
-        &lab,
-        &node,
-        &pod,
-        "nsc",
-        "kernel://icmp-responder/nsm-1",
-        &[("NSM_INSECURE", "true".into()), ("NSM_REQUEST_TIMEOUT", "3s".into())],
-    )
-    .unwrap();
+    let r = nsc_init(&lab, &node, &pod, ICMP, &[("NSM_INSECURE", "true".into()), ("NSM_REQUEST_TIMEOUT", "3s".into())])
+        .unwrap();
     assert!(!r.ok, "{}", r.stdout);
     assert!(r.stderr.contains(node.nsmgr_url.as_str()), "the error names the nsmgr: {}", r.stderr);
     assert!(r.stderr.contains("does the server require mutual TLS?"), "the error says why: {}", r.stderr);
@@ -363,7 +325,7 @@ async fn a_plaintext_client_cannot_reach_a_tls_nsmgr() {
 
 /// Start-up errors name what is wrong and exit with distinct codes.
 #[test]
-fn daemons_explain_missing_identity_and_bad_policy_files() {
+fn daemons_explain_missing_identity_bad_policy_files_and_bad_urls() {
     let bin = nsm_lab::default_bin_dir().unwrap().join("nsmgr");
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nsm.sock");
@@ -391,29 +353,29 @@ fn daemons_explain_missing_identity_and_bad_policy_files() {
     let o = run(&[("NSM_POLICY_FILES", "/nonexistent/x.rego"), ("NSM_INSECURE", "true")]);
     assert_eq!(o.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/x.rego"));
+    // A registry URL nsmgr cannot use is bad configuration too.
+    let o = run(&[("NSM_REGISTRY_URL", "http://registry:5002"), ("NSM_INSECURE", "true")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(64), "{err}");
+    assert!(err.contains("http://registry:5002") && err.contains("--registry-url"), "{err}");
     assert!(!sock.exists(), "nothing left behind");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_monitor_scope_own_a_peer_sees_only_its_own_connections() {
-    let mut lab = mesh::test_lab("monown");
-    let opts = NodeOpts { nsmgr_env: vec![("NSM_MONITOR_SCOPE".into(), "own".into())], ..Default::default() };
-    let node = mesh::start_node(&mut lab, "node1", &opts).await.unwrap();
-    mesh::start_nse(&mut lab, &node, "nse1", "icmp-responder", "172.16.65.0/31", &[]).await.unwrap();
+    let opts = NodeOpts::with_nsmgr_env("NSM_MONITOR_SCOPE", "own");
+    let (mut lab, node, _nse) = mesh::single_node("monown", &opts, "172.16.65.0/31").await;
     let pod = lab.add_netns("pod").unwrap();
-    let run = nsc_init(&lab, &node, &pod, "nsc", "kernel://icmp-responder/nsm-1", &[]).unwrap();
+    let run = nsc_init(&lab, &node, &pod, ICMP, &[]).unwrap();
     assert!(run.ok, "{}", run.stderr);
     // The lab is another identity: the nsmgr shows it nothing; the
     // forwarder (default scope `all`) shows it the connection.
     assert!(connections(&lab, &node.nsmgr_url).await.unwrap().is_empty());
     assert_eq!(connections(&lab, &node.forwarder_url).await.unwrap().len(), 1);
     // The client's sidecar (the init container's identity) finds and adopts it.
-    mesh::spawn_nsc_sidecar(&mut lab, "sidecar", &node, &pod, "nsc", "kernel://icmp-responder/nsm-1", &[]).unwrap();
-    let t0 = Instant::now();
-    while !lab.log_tail("sidecar", 50).contains("adopting") {
-        assert!(t0.elapsed() < Duration::from_secs(10), "no adoption: {}", lab.log_tail("sidecar", 20));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    mesh::spawn_nsc_sidecar(&mut lab, "sidecar", &node, &pod, ICMP, &[]).unwrap();
+    let adopted = || lab.log_tail("sidecar", 50).contains("adopting");
+    wait_until(Duration::from_secs(10), adopted, || format!("no adoption: {}", lab.log_tail("sidecar", 20))).await;
     lab.stop("sidecar", Duration::from_secs(5)).unwrap();
     assert!(links(&lab, &pod).unwrap().is_empty());
     assert!(connections(&lab, &node.forwarder_url).await.unwrap().is_empty());

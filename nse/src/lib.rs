@@ -8,38 +8,34 @@
 //! # Layout
 //! - [`Config`]: flags / upstream `NSM_*` environment variables of
 //!   `cmd-nse-icmp-responder`.
-//! - [`KernelEndpoint`]: the KERNEL mechanism handler of an endpoint.
 //! - [`chain`], [`run`]: the endpoint chain and the daemon.
 //!
 //! # The Request chain
 //! The endpoint `prefix` ([`nsm_sdk::networkservice::chains`]), then
-//! `point2pointipam` → `mechanisms` (KERNEL: [`KernelEndpoint`]).
+//! `point2pointipam` → `mechanisms` (KERNEL:
+//! [`nsm_sdk::networkservice::kernel::KernelServer`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use clap::Parser;
 use ipnetwork::IpNetwork;
-use nsm_api::connection::{Connection, Mechanism};
 use nsm_api::mechanisms::{kernel, payload};
-use nsm_api::networkservice::NetworkServiceRequest;
-use nsm_api::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceLabels};
+use nsm_api::registry::NetworkService;
 use nsm_sdk::ipam::point2point::Point2PointIpam;
-use nsm_sdk::networkservice::chain::conn_mut;
 use nsm_sdk::networkservice::chains::Endpoint;
 use nsm_sdk::networkservice::connect::DEFAULT_CALL_TIMEOUT;
+use nsm_sdk::networkservice::kernel::KernelServer;
 use nsm_sdk::networkservice::mechanisms::Mechanisms;
 use nsm_sdk::networkservice::timeout::AbortOnDrop;
-use nsm_sdk::networkservice::{Context, Element, Next};
-use nsm_sdk::registry::client::FirstRegistration;
+use nsm_sdk::networkservice::{Context, Element};
+use nsm_sdk::registry::client::FirstRegistration::Fail;
+use nsm_sdk::registry::client::{Registration, endpoint_record};
 use nsm_sdk::registry::{NsRegistry, RemoteRegistry};
-use nsm_sdk::tools::daemon::{self, CommonArgs, Security, parse_duration};
+use nsm_sdk::tools::daemon::{self, CommonArgs, NsmgrArgs, Security, parse_duration};
 use nsm_sdk::tools::grpc::{Listeners, parse_url};
 use nsm_sdk::tools::labels::parse_labels;
-use nsm_sdk::tools::netns;
-use tonic::Status;
 use url::Url;
 
 /// Configuration of the icmp-responder (upstream env names and defaults).
@@ -49,9 +45,6 @@ pub struct Config {
     /// Endpoint name (registry entry, path segment).
     #[arg(long, env = "NSM_NAME", default_value = "icmp-server")]
     pub name: String,
-    /// The local nsmgr.
-    #[arg(long, env = "NSM_CONNECT_TO", default_value = "unix:///var/lib/networkservicemesh/nsm.io.sock", value_parser = parse_url)]
-    pub connect_to: Url,
     /// Unix socket this endpoint serves on; it must be reachable by the
     /// node's forwarder (in Kubernetes: under the hostPath
     /// /var/lib/networkservicemesh). Default:
@@ -77,14 +70,17 @@ pub struct Config {
     /// Lifetime of the tokens this endpoint mints.
     #[arg(long, env = "NSM_MAX_TOKEN_LIFETIME", default_value = "10m", value_parser = parse_duration)]
     pub max_token_lifetime: Duration,
-    /// Timeout for dialing the nsmgr.
-    #[arg(long, env = "NSM_DIAL_TIMEOUT", default_value = "750ms", value_parser = parse_duration)]
-    pub dial_timeout: Duration,
-    /// Registration refresh period when the registry sets no expiration.
-    #[arg(long, env = "NSM_REGISTRY_REFRESH", default_value = "40s", value_parser = parse_duration)]
-    pub registry_refresh: Duration,
+    #[command(flatten)]
+    pub nsmgr: NsmgrArgs,
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+impl daemon::DaemonConfig for Config {
+    const PROG: &'static str = "nse-icmp-responder";
+    fn serving(&self) -> (&daemon::CommonArgs, Duration, Vec<Url>) {
+        (&self.common, self.max_token_lifetime, vec![self.listen_url()])
+    }
 }
 
 impl Config {
@@ -101,37 +97,6 @@ impl Config {
     }
 }
 
-/// KERNEL mechanism handler of an endpoint: answers with this process's
-/// network namespace (`netnsInode` and a `/proc/<pid>/ns/net` URL) so the
-/// forwarder can put the endpoint's end of the wire here, and keeps the
-/// interface name the forwarder proposed.
-pub struct KernelEndpoint;
-
-#[async_trait]
-impl Element for KernelEndpoint {
-    fn name(&self) -> &'static str {
-        "kernel-endpoint"
-    }
-
-    async fn request(
-        &self,
-        ctx: &mut Context,
-        mut req: NetworkServiceRequest,
-        next: Next,
-    ) -> Result<Connection, Status> {
-        let (url, inode) = netns::own_netns_params()
-            .map_err(|e| Status::internal(format!("endpoint cannot name its own network namespace: {e}")))?;
-        let conn = conn_mut(&mut req);
-        let m = conn.mechanism.get_or_insert_with(Mechanism::default);
-        m.parameters.insert(kernel::INODE_URL.to_string(), url);
-        m.parameters.insert(kernel::NETNS_INODE.to_string(), inode);
-        if m.parameters.get(kernel::NAME).is_none_or(|n| n.is_empty()) {
-            return Err(Status::invalid_argument("KERNEL mechanism without an interface name"));
-        }
-        next.request(ctx, req).await
-    }
-}
-
 /// The endpoint chain (see the module docs) and its IPAM.
 pub fn chain(cfg: &Config, sec: &Security) -> anyhow::Result<(Endpoint, Arc<Point2PointIpam>)> {
     let ipam = Point2PointIpam::new(&cfg.cidr_prefix)?;
@@ -139,9 +104,25 @@ pub fn chain(cfg: &Config, sec: &Security) -> anyhow::Result<(Endpoint, Arc<Poin
         &cfg.name,
         sec,
         cfg.max_token_lifetime,
-        vec![ipam.clone(), Mechanisms::new(vec![(kernel::MECHANISM, Arc::new(KernelEndpoint) as Arc<dyn Element>)])],
+        vec![ipam.clone(), Mechanisms::new(vec![(kernel::MECHANISM, Arc::new(KernelServer) as Arc<dyn Element>)])],
     );
     Ok((ep, ipam))
+}
+
+/// Serves the endpoint on `listeners` and keeps it registered through the
+/// nsmgr until `shutdown`; then unregisters.
+pub async fn run(cfg: Config, sec: Security, listeners: Listeners, shutdown: daemon::Shutdown) -> anyhow::Result<()> {
+    let (ep, _ipam) = chain(&cfg, &sec)?;
+    let url = listeners.urls().first().cloned().ok_or_else(|| anyhow::anyhow!("nothing to listen on"))?;
+    let router = daemon::endpoint_router(&ep, &[]).await;
+    let registry = RemoteRegistry::new(cfg.nsmgr.connect_to.clone(), sec.pool(cfg.nsmgr.dial_timeout))
+        .with_tokens(sec.tokens.clone());
+    let _ns_refresh = if cfg.register_service { Some(register_services(&registry, &cfg).await?) } else { None };
+    let me = endpoint_record(&cfg.name, &cfg.service_names, &cfg.labels, &url);
+    tracing::info!(cidr = ?cfg.cidr_prefix.iter().map(|c| c.to_string()).collect::<Vec<_>>(), "point-to-point IPAM");
+    let reg =
+        Registration { registry: Arc::new(registry), endpoint: me, refresh: cfg.nsmgr.registry_refresh, first: Fail };
+    daemon::serve_registered(router, listeners, &sec, shutdown, reg, "endpoint").await
 }
 
 /// Registers the network services this endpoint provides and keeps them
@@ -159,7 +140,7 @@ async fn register_services(reg: &RemoteRegistry, cfg: &Config) -> anyhow::Result
             .await
             .map_err(|e| anyhow::anyhow!("registering network service {:?}: {}", ns.name, e.message()))?;
     }
-    let (reg, every) = (reg.clone(), cfg.registry_refresh);
+    let (reg, every) = (reg.clone(), cfg.nsmgr.registry_refresh);
     Ok(AbortOnDrop::new(tokio::spawn(async move {
         loop {
             tokio::time::sleep(every).await;
@@ -173,77 +154,17 @@ async fn register_services(reg: &RemoteRegistry, cfg: &Config) -> anyhow::Result
     })))
 }
 
-/// Serves the endpoint on `listeners` and keeps it registered through the
-/// nsmgr until `shutdown`; then unregisters.
-pub async fn run(
-    cfg: Config,
-    sec: Security,
-    listeners: Listeners,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let (ep, _ipam) = chain(&cfg, &sec)?;
-    let url = listeners.urls().first().cloned().ok_or_else(|| anyhow::anyhow!("nothing to listen on"))?;
-    let router = daemon::endpoint_router(&ep, &[]).await;
-    let registry =
-        RemoteRegistry::new(cfg.connect_to.clone(), sec.pool(cfg.dial_timeout)).with_tokens(sec.tokens.clone());
-    let _ns_refresh = if cfg.register_service { Some(register_services(&registry, &cfg).await?) } else { None };
-    let me = NetworkServiceEndpoint {
-        name: cfg.name.clone(),
-        network_service_names: cfg.service_names.clone(),
-        network_service_labels: cfg
-            .service_names
-            .iter()
-            .map(|s| (s.clone(), NetworkServiceLabels { labels: cfg.labels.clone() }))
-            .collect(),
-        url: url.to_string(),
-        ..Default::default()
-    };
-    let registered = |_: &NetworkServiceEndpoint| {
-        tracing::info!(
-            name = %cfg.name,
-            services = ?cfg.service_names,
-            cidr = ?cfg.cidr_prefix.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-            listen_on = %url,
-            spiffe_id = sec.spiffe_id().as_deref().unwrap_or("(insecure)"),
-            "endpoint registered and serving"
-        )
-    };
-    daemon::serve_registered(
-        router,
-        listeners,
-        &sec,
-        shutdown,
-        Arc::new(registry.clone()),
-        me,
-        cfg.registry_refresh,
-        FirstRegistration::Fail,
-        registered,
-    )
-    .await
-}
-
 #[cfg(test)]
-mod cli_tests {
-    use clap::CommandFactory;
-
-    #[test]
-    fn cli_is_well_formed() {
-        super::Config::command().debug_assert();
-    }
-}
-
-#[cfg(test)]
-mod chain_tests {
-    use std::time::Duration;
-
+mod tests {
     use clap::Parser;
     use nsm_sdk::networkservice::chains::documented_chain;
-    use nsm_sdk::tools::daemon::Security;
+
+    use super::*;
 
     #[test]
     fn the_chain_is_what_the_module_docs_say() {
-        let cfg = super::Config::try_parse_from(["nse"]).unwrap();
-        let (ep, _) = super::chain(&cfg, &Security::insecure(Duration::from_secs(60))).unwrap();
+        let cfg = Config::try_parse_from(["nse"]).unwrap();
+        let (ep, _) = chain(&cfg, &Security::insecure(Duration::from_secs(60))).unwrap();
         assert_eq!(ep.chain.names(), documented_chain(include_str!("lib.rs")));
     }
 }

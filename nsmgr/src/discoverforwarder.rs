@@ -25,7 +25,7 @@ use nsm_api::connection::{Connection, State};
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_api::registry::{NetworkService, NetworkServiceEndpoint};
 use nsm_sdk::networkservice::chain::conn_mut;
-use nsm_sdk::networkservice::{Context, Element, Next};
+use nsm_sdk::networkservice::{ConnResult, Context, Element, Next};
 use nsm_sdk::registry::{NsRegistry, find_ns, find_nses};
 
 use crate::registry::NseRelay;
@@ -67,16 +67,7 @@ pub async fn lookup_service(reg: &dyn NsRegistry, ctx: &Context, name: &str) -> 
 
 #[async_trait]
 impl Element for DiscoverForwarder {
-    fn name(&self) -> &'static str {
-        "discoverforwarder"
-    }
-
-    async fn request(
-        &self,
-        ctx: &mut Context,
-        mut req: NetworkServiceRequest,
-        next: Next,
-    ) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> ConnResult {
         let conn = conn_mut(&mut req).clone();
         let ns = lookup_service(self.ns.as_ref(), ctx, &conn.network_service).await?;
         let meta = ctx.meta.clone();

@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use nsm_api::connection::Connection;
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_sdk::networkservice::chain::conn_mut;
-use nsm_sdk::networkservice::{Context, Element, Next};
+use nsm_sdk::networkservice::{ConnResult, Context, Element, Next};
 use tonic::Status;
 
 /// The `interdomain` element.
@@ -72,16 +72,7 @@ fn restore(conn: &mut Connection, orig: &(String, String)) {
 
 #[async_trait]
 impl Element for Interdomain {
-    fn name(&self) -> &'static str {
-        "interdomain"
-    }
-
-    async fn request(
-        &self,
-        ctx: &mut Context,
-        mut req: NetworkServiceRequest,
-        next: Next,
-    ) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> ConnResult {
         let orig = self.strip(conn_mut(&mut req));
         let mut conn = next.request(ctx, req).await?;
         if let Some(o) = &orig {
@@ -106,15 +97,7 @@ mod tests {
 
     #[async_trait]
     impl Element for Seen {
-        fn name(&self) -> &'static str {
-            "seen"
-        }
-        async fn request(
-            &self,
-            ctx: &mut Context,
-            req: NetworkServiceRequest,
-            next: Next,
-        ) -> Result<Connection, Status> {
+        async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> ConnResult {
             let c = req.connection.clone().unwrap_or_default();
             self.0.lock().unwrap().push((c.network_service, c.network_service_endpoint_name));
             next.request(ctx, req).await

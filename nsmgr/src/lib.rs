@@ -37,7 +37,7 @@ use nsm_sdk::registry::authorize::{Authorize as RegAuthorize, UpdatePath as RegU
 use nsm_sdk::registry::memory::MemoryRegistry;
 use nsm_sdk::registry::{NsRegistry, NsRegistryServer, NseRegistry, NseRegistryServer, RemoteRegistry};
 use nsm_sdk::tools::daemon::{self, CommonArgs, Security, parse_duration};
-use nsm_sdk::tools::grpc::{Listeners, UrlList, parse_url, parse_url_list};
+use nsm_sdk::tools::grpc::{Listeners, OptionalUrl, UrlList, parse_optional_url, parse_url, parse_url_list};
 use url::Url;
 
 pub mod discoverforwarder;
@@ -67,8 +67,8 @@ pub struct Config {
     /// Registry to relay registrations to (`tcp://host:port` or
     /// `host:port`). Unset: keep an in-memory registry in this nsmgr
     /// (single-node setups).
-    #[arg(long, env = "NSM_REGISTRY_URL", value_parser = parse_url)]
-    pub registry_url: Option<Url>,
+    #[arg(long, env = "NSM_REGISTRY_URL", default_value = "", value_parser = parse_optional_url)]
+    pub registry_url: OptionalUrl,
     /// Timeout for dialing forwarders and the registry.
     #[arg(long, env = "NSM_DIAL_TIMEOUT", default_value = "750ms", value_parser = parse_duration)]
     pub dial_timeout: Duration,
@@ -105,6 +105,13 @@ pub struct Config {
     pub common: CommonArgs,
 }
 
+impl daemon::DaemonConfig for Config {
+    const PROG: &'static str = "nsmgr";
+    fn serving(&self) -> (&daemon::CommonArgs, Duration, Vec<Url>) {
+        (&self.common, self.max_token_lifetime, self.listen_on.0.clone())
+    }
+}
+
 /// The URL other components should use to reach this nsmgr.
 pub fn public_url(bound: &[Url]) -> Option<Url> {
     let tcp = bound.iter().find(|u| u.scheme() == "tcp")?;
@@ -119,12 +126,7 @@ pub fn public_url(bound: &[Url]) -> Option<Url> {
 }
 
 /// Builds the nsmgr and serves it on `listeners` until `shutdown`.
-pub async fn run(
-    cfg: Config,
-    sec: Security,
-    listeners: Listeners,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, sec: Security, listeners: Listeners, shutdown: daemon::Shutdown) -> anyhow::Result<()> {
     let public = public_url(listeners.urls())
         .or_else(|| listeners.urls().first().cloned())
         .ok_or_else(|| anyhow::anyhow!("NSM_LISTEN_ON is empty"))?;
@@ -133,7 +135,7 @@ pub async fn run(
         name = %cfg.name,
         listen_on = ?listeners.urls().iter().map(Url::as_str).collect::<Vec<_>>(),
         public_url = %public,
-        registry = %cfg.registry_url.as_ref().map(Url::as_str).unwrap_or("in-memory"),
+        registry = %cfg.registry_url.0.as_ref().map(Url::as_str).unwrap_or("in-memory"),
         spiffe_id = sec.spiffe_id().as_deref().unwrap_or("(insecure)"),
         "nsmgr serving"
     );
@@ -143,7 +145,7 @@ pub async fn run(
 
 /// The registry the nsmgr uses: `NSM_REGISTRY_URL`, or an in-memory one.
 fn registries(cfg: &Config, sec: &Security) -> (Arc<dyn NsRegistry>, Arc<dyn NseRegistry>) {
-    match &cfg.registry_url {
+    match &cfg.registry_url.0 {
         None => {
             let m = MemoryRegistry::new();
             (Arc::new(m.clone()), Arc::new(m))
@@ -206,18 +208,9 @@ pub async fn router(cfg: &Config, sec: &Security, public: &Url) -> tonic::transp
 }
 
 #[cfg(test)]
-mod cli_tests {
-    use clap::CommandFactory;
-
-    #[test]
-    fn cli_is_well_formed() {
-        super::Config::command().debug_assert();
-    }
-}
-
-#[cfg(test)]
-mod config_tests {
+mod tests {
     use clap::Parser;
+    use nsm_sdk::networkservice::chains::documented_chain;
 
     use super::*;
 
@@ -245,13 +238,6 @@ mod config_tests {
         assert_eq!(public_url(&bound).unwrap().as_str(), "tcp://10.1.2.3:5001");
         assert!(public_url(&[parse_url("unix:///a.sock").unwrap()]).is_none());
     }
-}
-
-#[cfg(test)]
-mod chain_tests {
-    use nsm_sdk::networkservice::chains::documented_chain;
-
-    use super::*;
 
     #[test]
     fn the_chain_is_what_the_module_docs_say() {
@@ -270,6 +256,8 @@ mod chain_tests {
         assert!(e.use_stderr());
         assert!(e.to_string().contains("http://registry:5002"), "{e}");
         let c = Config::try_parse_from(["nsmgr", "--registry-url", "registry:5002"]).unwrap();
-        assert_eq!(c.registry_url.unwrap().as_str(), "tcp://registry:5002");
+        assert_eq!(c.registry_url.0.unwrap().as_str(), "tcp://registry:5002");
+        let c = Config::try_parse_from(["nsmgr", "--registry-url", ""]).unwrap();
+        assert_eq!(c.registry_url.0, None, "empty: the in-memory registry");
     }
 }

@@ -33,11 +33,11 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use nsm_api::connection::{Connection, Mechanism};
+use nsm_api::connection::Mechanism;
 use nsm_api::mechanisms::kernel;
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_sdk::networkservice::chain::conn_mut;
-use nsm_sdk::networkservice::{Context, Element, Next};
+use nsm_sdk::networkservice::{ConnResult, Context, Element, Next};
 use tonic::Status;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,16 +92,7 @@ fn caller_inode(ctx: &Context) -> Option<u64> {
 
 #[async_trait]
 impl Element for NetnsOwner {
-    fn name(&self) -> &'static str {
-        "netnsowner"
-    }
-
-    async fn request(
-        &self,
-        ctx: &mut Context,
-        mut req: NetworkServiceRequest,
-        next: Next,
-    ) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> ConnResult {
         let caller = caller_inode(ctx);
         let mut owner: Option<u64> = None;
         let conn_id = conn_mut(&mut req).id.clone();
@@ -171,6 +162,7 @@ impl Element for NetnsOwner {
 mod tests {
     use std::collections::HashMap;
 
+    use nsm_api::connection::Connection;
     use nsm_sdk::networkservice::Chain;
     use nsm_sdk::networkservice::begin::Begin;
     use nsm_sdk::networkservice::metadata::Metadata;
@@ -203,15 +195,7 @@ mod tests {
 
     #[async_trait]
     impl Element for Seen {
-        fn name(&self) -> &'static str {
-            "seen"
-        }
-        async fn request(
-            &self,
-            ctx: &mut Context,
-            req: NetworkServiceRequest,
-            next: Next,
-        ) -> Result<Connection, Status> {
+        async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> ConnResult {
             *self.0.lock().unwrap() = req.mechanism_preferences[0].parameters.get(kernel::NETNS_INODE).cloned();
             next.request(ctx, req).await
         }

@@ -24,7 +24,7 @@ use clap::Parser;
 use nsm_api::service_names;
 use nsm_sdk::registry::authorize::{Authorize, UpdatePath};
 use nsm_sdk::registry::expire::Expire;
-use nsm_sdk::registry::interdomain::{Interdomain, StaticDomains, check_domain};
+use nsm_sdk::registry::interdomain::{Interdomain, Remotes, StaticDomains, check_domain};
 use nsm_sdk::registry::memory::MemoryRegistry;
 use nsm_sdk::registry::{NsRegistry, NsRegistryServer, NseRegistry, NseRegistryServer};
 use nsm_sdk::tools::daemon::{self, Security, parse_duration};
@@ -63,6 +63,13 @@ pub struct Config {
     pub common: daemon::CommonArgs,
 }
 
+impl daemon::DaemonConfig for Config {
+    const PROG: &'static str = "nsm-registry";
+    fn serving(&self) -> (&daemon::CommonArgs, Duration, Vec<Url>) {
+        (&self.common, self.max_token_lifetime, self.listen_on.0.clone())
+    }
+}
+
 /// `NSM_DOMAIN`: empty, or a valid domain name.
 pub fn parse_own_domain(s: &str) -> Result<String, String> {
     let s = s.trim();
@@ -79,12 +86,7 @@ pub fn parse_domain_registries(s: &str) -> Result<StaticDomains, String> {
 }
 
 /// Serves the registry on `listeners` until `shutdown` resolves.
-pub async fn run(
-    cfg: Config,
-    sec: Security,
-    listeners: Listeners,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, sec: Security, listeners: Listeners, shutdown: daemon::Shutdown) -> anyhow::Result<()> {
     let store = MemoryRegistry::new();
     let local_nse = Expire::new(Arc::new(store.clone()), cfg.expire_period);
     let own_domain = (!cfg.domain.is_empty()).then(|| cfg.domain.clone());
@@ -93,14 +95,12 @@ pub async fn run(
         domain_registries = %cfg.domain_registries,
         "interdomain routing"
     );
-    let registry = Interdomain::new(
-        Arc::new(store),
-        local_nse,
-        own_domain,
-        Arc::new(cfg.domain_registries),
-        sec.pool(cfg.dial_timeout),
-        Some(sec.tokens.clone()),
-    );
+    let remotes = Remotes {
+        resolver: Arc::new(cfg.domain_registries),
+        pool: sec.pool(cfg.dial_timeout),
+        tokens: Some(sec.tokens.clone()),
+    };
+    let registry = Interdomain::new(Arc::new(store), local_nse, own_domain, remotes);
     // Registry path and tokens, then first-registrant ownership and the
     // policies (nsm-spec §2.6), then routing and storage.
     let ns: Arc<dyn NsRegistry> =
@@ -125,15 +125,10 @@ pub async fn run(
 }
 
 #[cfg(test)]
-mod cli_tests {
-    use clap::{CommandFactory, Parser};
+mod config_tests {
+    use clap::Parser;
 
     use super::Config;
-
-    #[test]
-    fn cli_is_well_formed() {
-        Config::command().debug_assert();
-    }
 
     #[test]
     fn domain_options_parse_and_reject_with_clear_errors() {
@@ -189,9 +184,14 @@ mod interdomain_tests {
         let listeners = Listeners::bind(std::slice::from_ref(url)).await.unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let sec = nsm_sdk::tools::daemon::Security::insecure(Duration::from_secs(600));
-        tokio::spawn(run(cfg, sec, listeners, async move {
-            let _ = stopped.await;
-        }));
+        tokio::spawn(run(
+            cfg,
+            sec,
+            listeners,
+            Box::pin(async move {
+                let _ = stopped.await;
+            }),
+        ));
         Daemon { url: url.clone(), _stop: stop }
     }
 
@@ -215,12 +215,7 @@ mod interdomain_tests {
         let (r1, r2) = (client(&c1), client(&c2));
 
         // An endpoint registers in cluster 2 without any domain.
-        let nse = NetworkServiceEndpoint {
-            name: "nse1".into(),
-            network_service_names: vec!["svc".into()],
-            url: "tcp://10.2.0.5:5001".into(),
-            ..Default::default()
-        };
+        let nse = nsm_sdk::testing::nse("nse1", &["svc"], "tcp://10.2.0.5:5001");
         NseRegistry::register(&r2, &ctx(), nse).await.unwrap();
         NsRegistry::register(&r2, &ctx(), NetworkService { name: "svc".into(), ..Default::default() }).await.unwrap();
 
@@ -238,12 +233,7 @@ mod interdomain_tests {
         assert!(find_nses(&r1, &ctx(), q).await.unwrap().is_empty());
 
         // Floating registration through cluster 1: stored in cluster 2, capped by cluster 2's expire only.
-        let floating = NetworkServiceEndpoint {
-            name: "nse-f@my.cluster2".into(),
-            network_service_names: vec!["svc@my.cluster2".into()],
-            url: "tcp://10.1.0.9:5001".into(),
-            ..Default::default()
-        };
+        let floating = nsm_sdk::testing::nse("nse-f@my.cluster2", &["svc@my.cluster2"], "tcp://10.1.0.9:5001");
         let out = NseRegistry::register(&r1, &ctx(), floating).await.unwrap();
         assert_eq!(out.name, "nse-f@my.cluster2");
         let exp = nsm_sdk::tools::token::from_timestamp(out.expiration_time.as_ref().unwrap()).unwrap();
@@ -252,12 +242,7 @@ mod interdomain_tests {
         assert_eq!(find_nses(&r2, &ctx(), q).await.unwrap()[0].network_service_names, ["svc"]);
 
         // Own-domain names stay local; local registrations get the local cap.
-        let own = NetworkServiceEndpoint {
-            name: "nse-l@my.cluster1".into(),
-            network_service_names: vec!["svc-l".into()],
-            url: "tcp://10.1.0.2:5001".into(),
-            ..Default::default()
-        };
+        let own = nsm_sdk::testing::nse("nse-l@my.cluster1", &["svc-l"], "tcp://10.1.0.2:5001");
         let out = NseRegistry::register(&r1, &ctx(), own).await.unwrap();
         assert_eq!(out.name, "nse-l@my.cluster1");
         let exp = nsm_sdk::tools::token::from_timestamp(out.expiration_time.as_ref().unwrap()).unwrap();

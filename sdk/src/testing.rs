@@ -12,7 +12,7 @@ use nsm_api::networkservice::NetworkServiceRequest;
 use tonic::Status;
 
 use crate::networkservice::begin::EventFactory;
-use crate::networkservice::chain::{Context, Element, Next};
+use crate::networkservice::chain::{ConnResult, Context, Element, Next};
 
 /// A request whose connection has the given id.
 pub fn request_with_id(id: &str) -> NetworkServiceRequest {
@@ -44,10 +44,7 @@ impl Record {
 
 #[async_trait]
 impl Element for Record {
-    fn name(&self) -> &'static str {
-        "record"
-    }
-    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> ConnResult {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{}>", self.name));
         let r = next.request(ctx, req).await;
         self.log.lock().unwrap_or_else(|e| e.into_inner()).push(format!("<{}", self.name));
@@ -90,10 +87,7 @@ impl Inject {
 
 #[async_trait]
 impl Element for Inject {
-    fn name(&self) -> &'static str {
-        "inject"
-    }
-    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> ConnResult {
         match self {
             Inject::Error(code, msg) => Err(Status::new(*code, msg.clone())),
             Inject::NseName(n) => {
@@ -130,10 +124,7 @@ impl<F: Fn(&Connection) + Send + Sync + 'static> OnClose<F> {
 
 #[async_trait]
 impl<F: Fn(&Connection) + Send + Sync + 'static> Element for OnClose<F> {
-    fn name(&self) -> &'static str {
-        "onclose"
-    }
-    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> ConnResult {
         next.request(ctx, req).await
     }
     async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
@@ -157,10 +148,7 @@ impl Slow {
 
 #[async_trait]
 impl Element for Slow {
-    fn name(&self) -> &'static str {
-        "slow"
-    }
-    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> ConnResult {
         let n = self.active.fetch_add(1, Ordering::SeqCst) + 1;
         self.max.fetch_max(n, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -182,13 +170,47 @@ impl GrabEvents {
 
 #[async_trait]
 impl Element for GrabEvents {
-    fn name(&self) -> &'static str {
-        "grabevents"
-    }
-    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> ConnResult {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = ctx.events.clone();
         next.request(ctx, req).await
     }
+}
+
+/// An endpoint registration named `name` for `services` at `url`.
+pub fn nse(name: &str, services: &[&str], url: &str) -> nsm_api::registry::NetworkServiceEndpoint {
+    nsm_api::registry::NetworkServiceEndpoint {
+        name: name.into(),
+        network_service_names: services.iter().map(|s| s.to_string()).collect(),
+        url: url.into(),
+        ..Default::default()
+    }
+}
+
+/// A command's stdout and stderr, as text.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// [`output_text`] of a command that must have succeeded (panics with its
+/// status and output otherwise).
+pub fn ok_output(o: &std::process::Output) -> String {
+    let t = output_text(o);
+    assert!(o.status.success(), "command failed ({}): {t}", o.status);
+    t
+}
+
+/// Polls `f` every 50 ms until it holds or `timeout` passed; the last
+/// answer. For conditions that settle on their own (a link goes away, a
+/// socket appears).
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
 }
 
 /// Installs a tracing subscriber for tests (once); honours `RUST_LOG`.
@@ -299,6 +321,12 @@ pub mod netns {
             ),
             Err(e) => panic!("cannot run `ip {}`: {e} (is iproute2 installed?)", args.join(" ")),
         }
+    }
+
+    /// The inode of the calling thread's network namespace.
+    pub fn own_inode() -> u64 {
+        crate::tools::netns::inode_of(std::path::Path::new(crate::tools::netns::THREAD_SELF_NETNS))
+            .unwrap_or_else(|e| panic!("reading {}: {e}", crate::tools::netns::THREAD_SELF_NETNS))
     }
 
     /// Deletes namespaces named `<prefix>-<pid>-<n>` whose pid is no longer

@@ -272,19 +272,28 @@ pub(crate) fn validate_alias(name: &str, alias: &str) -> Result<(), KernelError>
     Ok(())
 }
 
+/// Looks up `name` with an existing handle and returns the whole message
+/// (`None` when absent).
+pub(crate) async fn get_link_message(
+    nl: &rtnetlink::Handle,
+    ns: &NetnsHandle,
+    name: &str,
+) -> Result<Option<LinkMessage>, KernelError> {
+    let mut s = nl.link().get().match_name(name.to_string()).execute();
+    match s.try_next().await {
+        Ok(m) => Ok(m),
+        Err(e) if errno_of(&e) == Some(ENODEV) => Ok(None),
+        Err(e) => Err(KernelError::netlink("looking up", ns, name, e)),
+    }
+}
+
 /// Looks up `name` with an existing handle.
 pub(crate) async fn get_link(
     nl: &rtnetlink::Handle,
     ns: &NetnsHandle,
     name: &str,
 ) -> Result<Option<LinkInfo>, KernelError> {
-    let mut s = nl.link().get().match_name(name.to_string()).execute();
-    match s.try_next().await {
-        Ok(Some(m)) => Ok(Some(LinkInfo::from_message(&m))),
-        Ok(None) => Ok(None),
-        Err(e) if errno_of(&e) == Some(ENODEV) => Ok(None),
-        Err(e) => Err(KernelError::netlink("looking up", ns, name, e)),
-    }
+    Ok(get_link_message(nl, ns, name).await?.as_ref().map(LinkInfo::from_message))
 }
 
 /// Looks up `name` in `ns`: `None` when absent.
@@ -326,6 +335,25 @@ pub async fn delete_link(ns: &NetnsHandle, name: &str, expected_alias: Option<&s
         });
     }
     del_index(&nl, ns, name, info.index).await
+}
+
+/// Removes `name` from `ns` after a later step of creating or moving it
+/// failed, if `ours` says it is the one we made (best effort: a failure is
+/// logged), so no half-configured interface stays behind.
+pub(crate) async fn remove_after_failure(
+    nl: &rtnetlink::Handle,
+    ns: &NetnsHandle,
+    name: &str,
+    ours: impl Fn(&LinkInfo) -> bool,
+) {
+    let res = match get_link(nl, ns, name).await {
+        Ok(Some(i)) if ours(&i) => del_index(nl, ns, name, i.index).await.map(|_| ()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = res {
+        tracing::warn!(netns = ns.describe(), name, error = %e, "could not remove the interface after a failed setup");
+    }
 }
 
 /// Sets `index` administratively up.

@@ -42,8 +42,11 @@ use netlink_packet_route::neighbour::NeighbourState;
 use nsm_sdk::tools::netns::NetnsHandle;
 use rtnetlink::LinkUnspec;
 
-use super::vxlan::{EADDRINUSE, fmt_mac, get_link_message, vxlan_port};
-use super::{EEXIST, KernelError, LinkInfo, del_index, errno_of, get_link, validate_alias, validate_ifname};
+use super::vxlan::{EADDRINUSE, fmt_mac, vxlan_port};
+use super::{
+    EEXIST, KernelError, LinkInfo, del_index, errno_of, get_link, get_link_message, remove_after_failure,
+    validate_alias, validate_ifname,
+};
 
 /// Moves `name` from `from` into `to`, renaming it `new_name` in the same
 /// `RTM_SETLINK`, then sets `alias` and brings it up in `to`. Returns its
@@ -143,33 +146,14 @@ pub async fn move_and_rename(
         Ok::<u32, KernelError>(moved.index)
     }
     .await;
-    match result {
-        Ok(index) => {
-            tracing::debug!(
-                from = from.describe(),
-                to = to.describe(),
-                name,
-                new_name,
-                index,
-                "moved and renamed interface"
-            );
-            Ok(index)
-        }
-        Err(e) => {
-            // Ours now (it carries our alias or none): remove it rather than
-            // leave a half-configured interface in the pod.
-            match get_link(&nl_to, to, new_name).await {
-                Ok(Some(i)) if i.alias.is_empty() || i.alias == alias => {
-                    if let Err(de) = del_index(&nl_to, to, new_name, i.index).await {
-                        tracing::warn!(error = %de, "could not remove the moved interface after a failed setup");
-                    }
-                }
-                Ok(_) => {}
-                Err(de) => tracing::warn!(error = %de, "could not remove the moved interface after a failed setup"),
-            }
-            Err(e)
-        }
+    if result.is_err() {
+        // Ours now (it carries our alias or none): remove it rather than
+        // leave a half-configured interface in the pod.
+        remove_after_failure(&nl_to, to, new_name, |i| i.alias.is_empty() || i.alias == alias).await;
     }
+    let index = result?;
+    tracing::debug!(from = from.describe(), to = to.describe(), name, new_name, index, "moved and renamed interface");
+    Ok(index)
 }
 
 /// After a failed move+rename request: if the device left `from`, it sits
@@ -269,10 +253,8 @@ pub async fn set_neighbor(ns: &NetnsHandle, ifname: &str, ip: IpAddr, mac: [u8; 
 /// [`KernelError::UnderlayNotFound`] naming `ip` if no interface has it.
 pub async fn underlay_mtu(node: &NetnsHandle, ip: IpAddr) -> Result<u32, KernelError> {
     let nl = node.netlink().await?;
-    let addrs: Vec<AddressMessage> = nl
-        .address()
-        .get()
-        .execute()
+    let dump = nl.address().get().execute();
+    let addrs: Vec<AddressMessage> = dump
         .try_collect()
         .await
         .map_err(|e| KernelError::netlink(format!("listing addresses to find {ip}"), node, "(all)", e))?;
@@ -308,13 +290,9 @@ pub async fn links_with_alias_prefix(
     alias_prefix: &str,
 ) -> Result<Vec<(String, String, u32, Option<String>)>, KernelError> {
     let nl = ns.netlink().await?;
-    let links: Vec<LinkMessage> = nl
-        .link()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| KernelError::netlink("listing links", ns, "(all)", e))?;
+    let dump = nl.link().get().execute();
+    let links: Vec<LinkMessage> =
+        dump.try_collect().await.map_err(|e| KernelError::netlink("listing links", ns, "(all)", e))?;
     Ok(links
         .iter()
         .filter_map(|m| {

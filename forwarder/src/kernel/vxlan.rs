@@ -50,12 +50,14 @@
 use std::cmp::Ordering;
 use std::net::IpAddr;
 
-use futures::TryStreamExt;
 use netlink_packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage};
 use nsm_sdk::tools::netns::NetnsHandle;
 use rtnetlink::{LinkUnspec, LinkVxlan};
 
-use super::{EEXIST, ENODEV, KernelError, LinkInfo, del_index, errno_of, get_link, validate_alias, validate_ifname};
+use super::{
+    EEXIST, KernelError, LinkInfo, del_index, errno_of, get_link, get_link_message, remove_after_failure,
+    validate_alias, validate_ifname,
+};
 
 /// The largest VNI (24 bits).
 pub const VNI_MAX: u32 = 0x00FF_FFFF;
@@ -206,20 +208,6 @@ fn mac_of(m: &LinkMessage) -> Option<&[u8]> {
     })
 }
 
-/// Looks up `name` with an existing handle and returns the whole message.
-pub(crate) async fn get_link_message(
-    nl: &rtnetlink::Handle,
-    ns: &NetnsHandle,
-    name: &str,
-) -> Result<Option<LinkMessage>, KernelError> {
-    let mut s = nl.link().get().match_name(name.to_string()).execute();
-    match s.try_next().await {
-        Ok(m) => Ok(m),
-        Err(e) if errno_of(&e) == Some(ENODEV) => Ok(None),
-        Err(e) => Err(KernelError::netlink("looking up", ns, name, e)),
-    }
-}
-
 pub(crate) fn fmt_mac(mac: &[u8]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
@@ -354,28 +342,20 @@ pub async fn create_vxlan_in(node: &NetnsHandle, pod: &NetnsHandle, spec: &Vxlan
         Ok::<u32, KernelError>(info.index)
     }
     .await;
-    match result {
-        Ok(index) => {
-            tracing::debug!(
-                pod = pod.describe(),
-                node = node.describe(),
-                name = spec.name,
-                vni = spec.vni,
-                remote = %spec.remote,
-                index,
-                "created VXLAN device in place"
-            );
-            Ok(index)
-        }
-        Err(e) => {
-            if let Ok(Some(i)) = get_link(&nl_pod, pod, &spec.name).await
-                && let Err(de) = del_index(&nl_pod, pod, &spec.name, i.index).await
-            {
-                tracing::warn!(error = %de, "could not remove the VXLAN device after a failed setup");
-            }
-            Err(e)
-        }
+    if result.is_err() {
+        remove_after_failure(&nl_pod, pod, &spec.name, |_| true).await;
     }
+    let index = result?;
+    tracing::debug!(
+        pod = pod.describe(),
+        node = node.describe(),
+        name = spec.name,
+        vni = spec.vni,
+        remote = %spec.remote,
+        index,
+        "created VXLAN device in place"
+    );
+    Ok(index)
 }
 
 /// If `spec.name` exists: `NameTaken` when not ours, its index when ours

@@ -16,12 +16,12 @@ use nsm_sdk::networkservice::{Context, Next};
 use nsm_sdk::tools::netns::NetnsHandle;
 use tonic::Status;
 
-use super::Remote;
 use super::params::{
     MechanismKind, allowed_ips, fmt_mac, mtu_param, need_ip, need_key, need_port, node_ifname, param, parse_mac,
     same_vxlan_port, stable_mac, vni_param,
 };
 use super::tunnel::{Side, Tunnel, WgEnd};
+use super::{Remote, built_failed};
 use crate::alloc::PortLease;
 use crate::ipcontext::{self, End};
 use crate::kernel::{self as k, VxlanSpec};
@@ -153,13 +153,7 @@ impl Remote {
                 }
                 Ok(res)
             }
-            Err(e) => {
-                tracing::warn!(conn_id = %conn_id, error = %e.message(), "building the client end of the tunnel failed");
-                if prev.is_none() {
-                    next.undo(ctx, res).await;
-                }
-                Err(e)
-            }
+            Err(e) => Err(built_failed(ctx, next, res, prev.is_none(), "client", e).await),
         }
     }
 

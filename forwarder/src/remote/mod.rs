@@ -50,9 +50,11 @@ mod tunnel;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use nsm_api::connection::Mechanism;
+use nsm_api::connection::{Connection, Mechanism};
 use nsm_sdk::networkservice::metadata::ConnMetadata;
+use nsm_sdk::networkservice::{Context, Next};
 use nsm_sdk::tools::netns::NetnsHandle;
+use tonic::Status;
 
 pub use crate::local::NetnsKey;
 pub use client::ClientEnd;
@@ -61,6 +63,18 @@ use tunnel::{Side, Tunnel};
 
 use crate::alloc::{PortPool, VniTable};
 use crate::wireguard::WgBackend;
+
+/// A failed build of this forwarder's (`end`: "client" or "endpoint") end
+/// of the tunnel: logged, and after a first Request the far side is closed
+/// again, so nothing stays behind there (a failed refresh keeps what was
+/// negotiated). Returns `e` for the caller.
+async fn built_failed(ctx: &Context, next: Next, res: Connection, first: bool, end: &str, e: Status) -> Status {
+    tracing::warn!(conn_id = %res.id, error = %e.message(), "building the {end} end of the tunnel failed");
+    if first {
+        next.undo(ctx, res).await;
+    }
+    e
+}
 
 /// Configuration of remote mechanisms.
 #[derive(Clone, Debug)]

@@ -4,7 +4,7 @@
 //! endpoint with a KERNEL mechanism of its own, and builds its end of the
 //! tunnel into the endpoint's netns once the endpoint has answered.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -17,16 +17,16 @@ use nsm_sdk::networkservice::metadata::ConnMetadata;
 use nsm_sdk::networkservice::{Context, Next};
 use tonic::Status;
 
-use super::Remote;
 use super::params::{
     MechanismKind, allowed_ips, fmt_mac, mtu_param, need_ip, need_key, need_port, node_ifname, param, parse_mac,
     same_vxlan_port, stable_mac, vni_param,
 };
 use super::tunnel::{Side, Tunnel, WgEnd};
+use super::{Remote, built_failed};
 use crate::alloc::VniLease;
 use crate::ipcontext::{self, End};
 use crate::kernel::{self as k, KernelError, VxlanSpec};
-use crate::local::{netns_key, resolve_netns, stable_ifname};
+use crate::local::{endpoint_answer, endpoint_request, netns_key, resolve_netns, stable_ifname};
 use crate::wireguard::KeyPair;
 
 impl Remote {
@@ -153,25 +153,12 @@ impl Remote {
             .and_then(|p| p.nse_mech.as_ref())
             .and_then(|m| param(m, kernel::NAME).map(str::to_string))
             .unwrap_or_else(|| stable_ifname(&conn.network_service, &conn_id));
-        let mut out = req.clone();
-        let oc = conn_mut(&mut out);
-        oc.mechanism = prev.as_ref().and_then(|p| p.nse_mech.clone());
-        out.mechanism_preferences = vec![Mechanism {
-            cls: cls::LOCAL.into(),
-            r#type: kernel::MECHANISM.into(),
-            parameters: HashMap::from([(kernel::NAME.to_string(), nse_if.clone())]),
-        }];
+        let out = endpoint_request(&req, prev.as_ref().and_then(|p| p.nse_mech.clone()), &nse_if);
         let mut res = next.clone().request(ctx, out).await?;
 
         let permit = k::BUILD_PERMITS.acquire().await.map_err(|_| Status::internal("build permits closed"))?;
         let built = async {
-            let nse_mech = res
-                .mechanism
-                .clone()
-                .filter(|m| m.r#type == kernel::MECHANISM)
-                .ok_or_else(|| Status::internal("the endpoint answered without a KERNEL mechanism"))?;
-            let nse_if = param(&nse_mech, kernel::NAME).map(str::to_string).unwrap_or(nse_if.clone());
-            k::validate_ifname(&nse_if)?;
+            let (nse_mech, nse_if) = endpoint_answer(&res, &nse_if)?;
             let nse_ns = match &prev {
                 Some(p) if p.nse_mech.as_ref().map(netns_key) == Some(netns_key(&nse_mech)) => p.pod_ns.clone(),
                 _ => resolve_netns(&nse_mech, "endpoint").await?,
@@ -295,13 +282,7 @@ impl Remote {
                 res.context.get_or_insert_with(ConnectionContext::default).mtu = mtu;
                 Ok(res)
             }
-            Err(e) => {
-                tracing::warn!(conn_id = %conn_id, error = %e.message(), "building the endpoint end of the tunnel failed");
-                if prev.is_none() {
-                    next.undo(ctx, res).await;
-                }
-                Err(e)
-            }
+            Err(e) => Err(built_failed(ctx, next, res, prev.is_none(), "endpoint", e).await),
         }
     }
 }

@@ -17,7 +17,7 @@ use super::params::MechanismKind;
 use crate::alloc::{PortLease, VniLease};
 use crate::kernel::{self as k, KernelError, VxlanSpec};
 use crate::local::NetnsKey;
-use crate::wireguard::{BackendKind, Key, KeyPair, WgConfig, WgDevice};
+use crate::wireguard::{BackendKind, Key, KeyPair, PeerUpdate, WgConfig, WgDevice};
 
 /// Which end of the tunnel this forwarder is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,7 +139,8 @@ impl Remote {
             .as_ref()
             .is_some_and(|h| peer_unchanged && h.with(|d| d.public_key() == end.keys.public).unwrap_or(false));
         if let (true, Some(h)) = (reusable, &prev) {
-            h.with(|d| d.update_peer(Some(end.endpoint), &end.allowed, keepalive)).transpose()?;
+            let u = PeerUpdate { endpoint: Some(end.endpoint), allowed_ips: end.allowed, keepalive };
+            h.with(|d| d.update_peer(&u)).transpose()?;
             return Ok(h.clone());
         }
         if let Some(h) = prev {

@@ -178,6 +178,43 @@ fn wait_room(fd: BorrowedFd<'_>) -> bool {
     matches!(poll(&mut fds, PollTimeout::from(50u16)), Ok(n) if n > 0)
 }
 
+/// Sends every packet of `batch` with `send` (one syscall each), retrying
+/// an interrupted send, and a full buffer once after waiting up to 50 ms
+/// for room on `fd`. A packet that still fails is dropped (as a full queue
+/// would); the first error is returned only if nothing was sent.
+fn send_each(
+    batch: &Batch,
+    fd: BorrowedFd<'_>,
+    send: impl Fn(&[u8], SocketAddr) -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut sent = 0;
+    let mut last_err = None;
+    for (p, to) in batch.iter() {
+        let mut retried = false;
+        loop {
+            match send(p, to) {
+                Ok(_) => {
+                    sent += 1;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !retried => {
+                    retried = true;
+                    wait_room(fd);
+                }
+                Err(e) => {
+                    last_err = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    match last_err {
+        Some(e) if sent == 0 => Err(e),
+        _ => Ok(sent),
+    }
+}
+
 // === TUN ===
 
 /// A layer-3 TUN device (no packet-information header, no offloads) whose
@@ -253,32 +290,7 @@ impl TunnelIo for TunDevice {
     }
 
     fn send_batch(&self, batch: &Batch) -> io::Result<usize> {
-        let mut sent = 0;
-        let mut last_err = None;
-        for (p, _) in batch.iter() {
-            let mut retried = false;
-            loop {
-                match self.dev.send(p) {
-                    Ok(_) => {
-                        sent += 1;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && !retried => {
-                        retried = true;
-                        wait_room(self.dev.as_fd());
-                    }
-                    Err(e) => {
-                        last_err = Some(e);
-                        break;
-                    }
-                }
-            }
-        }
-        match last_err {
-            Some(e) if sent == 0 => Err(e),
-            _ => Ok(sent),
-        }
+        send_each(batch, self.dev.as_fd(), |p, _| self.dev.send(p))
     }
 
     fn poll_fd(&self) -> BorrowedFd<'_> {
@@ -369,33 +381,7 @@ impl NetworkIo for UdpTransport {
     }
 
     fn send_batch(&self, batch: &Batch) -> io::Result<usize> {
-        let mut sent = 0;
-        let mut last_err = None;
-        for (p, to) in batch.iter() {
-            let to = self.dest(to);
-            let mut retried = false;
-            loop {
-                match self.sock.send_to(p, to) {
-                    Ok(_) => {
-                        sent += 1;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && !retried => {
-                        retried = true;
-                        wait_room(self.sock.as_fd());
-                    }
-                    Err(e) => {
-                        last_err = Some(e);
-                        break;
-                    }
-                }
-            }
-        }
-        match last_err {
-            Some(e) if sent == 0 => Err(e),
-            _ => Ok(sent),
-        }
+        send_each(batch, self.sock.as_fd(), |p, to| self.sock.send_to(p, self.dest(to)))
     }
 
     fn poll_fd(&self) -> BorrowedFd<'_> {

@@ -49,7 +49,7 @@ use netlink_sys::constants::{NETLINK_GENERIC, NETLINK_ROUTE};
 use nsm_sdk::tools::netns::NetnsHandle;
 
 use super::key::Key;
-use super::{MAX_MTU, MIN_MTU, WgBackend, WgConfig, WgDevice, WgError, WgStats, validate_name};
+use super::{DeviceId, MAX_MTU, MIN_MTU, PeerUpdate, WgBackend, WgConfig, WgDevice, WgError, WgStats, validate_name};
 
 const EEXIST: i32 = 17;
 const ENODEV: i32 = 19;
@@ -326,9 +326,7 @@ pub struct Kernel;
 
 /// A kernel WireGuard link.
 pub struct KernelDevice {
-    name: String,
-    ifindex: u32,
-    port: u16,
+    id: DeviceId,
     public: Key,
     peer: Key,
     /// Where the link is now: `(namespace, name)`; the creating namespace
@@ -339,7 +337,10 @@ pub struct KernelDevice {
 
 impl std::fmt::Debug for KernelDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KernelDevice").field("name", &self.name).field("ifindex", &self.ifindex).finish_non_exhaustive()
+        f.debug_struct("KernelDevice")
+            .field("name", &self.id.name)
+            .field("ifindex", &self.id.ifindex)
+            .finish_non_exhaustive()
     }
 }
 
@@ -418,9 +419,7 @@ impl WgBackend for Kernel {
         }
         tracing::info!(device = name, ifindex, port = cfg.listen_port, "kernel WireGuard device up");
         Ok(Box::new(KernelDevice {
-            name: name.to_string(),
-            ifindex,
-            port: cfg.listen_port,
+            id: DeviceId { name: name.to_string(), ifindex, port: cfg.listen_port },
             public: cfg.private_key.public_key(),
             peer: cfg.peer_public_key.clone(),
             location: Mutex::new((here, name.to_string())),
@@ -447,44 +446,33 @@ impl KernelDevice {
             }
         });
         match r {
-            Ok(()) => tracing::info!(device = %self.name, ifname = %ifname, "kernel WireGuard device closed"),
-            Err(e) => tracing::warn!(device = %self.name, ifname = %ifname, netns = %ns, reason = %e.reason,
+            Ok(()) => tracing::info!(device = %self.id.name, ifname = %ifname, "kernel WireGuard device closed"),
+            Err(e) => tracing::warn!(device = %self.id.name, ifname = %ifname, netns = %ns, reason = %e.reason,
                 "cannot delete the WireGuard link"),
         }
     }
 }
 
 impl WgDevice for KernelDevice {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn ifindex(&self) -> u32 {
-        self.ifindex
-    }
-    fn listen_port(&self) -> u16 {
-        self.port
+    fn id(&self) -> &DeviceId {
+        &self.id
     }
     fn public_key(&self) -> Key {
         self.public.clone()
     }
 
-    fn update_peer(
-        &self,
-        endpoint: Option<SocketAddr>,
-        allowed_ips: &[IpNetwork],
-        keepalive: Option<u16>,
-    ) -> Result<(), WgError> {
+    fn update_peer(&self, u: &PeerUpdate) -> Result<(), WgError> {
         if self.closed.load(Ordering::Acquire) {
-            return Err(WgError::Closed { name: self.name.clone() });
+            return Err(WgError::Closed { name: self.id.name.clone() });
         }
         let (ns, ifname) = self.location();
-        let msg = set_device_msg(&ifname, None, &self.peer, endpoint, allowed_ips, keepalive);
+        let msg = set_device_msg(&ifname, None, &self.peer, u.endpoint, &u.allowed_ips, u.keepalive);
         in_netns(Some(&ns), move || {
             let mut g = Nl::open(NETLINK_GENERIC)?;
             wg_request(&mut g, msg, 0).map(drop)
         })
         .map_err(|e| WgError::Netlink {
-            name: self.name.clone(),
+            name: self.id.name.clone(),
             op: format!("updating peer {} (interface {ifname} in {ns})", self.peer.to_base64()),
             errno: e.errno,
             reason: e.reason,
@@ -504,7 +492,7 @@ impl WgDevice for KernelDevice {
         match r {
             Ok(a) => stats_from(&a, &self.peer),
             Err(e) => {
-                tracing::debug!(device = %self.name, reason = %e.reason, "reading WireGuard stats failed");
+                tracing::debug!(device = %self.id.name, reason = %e.reason, "reading WireGuard stats failed");
                 WgStats::default()
             }
         }
@@ -611,7 +599,7 @@ mod tests {
                     mtu: 1420,
                     tun_in: None,
                 };
-                (kernel_available(), Kernel.create("nsmwgk0", &cfg).map(|d| d.name().to_string()))
+                (kernel_available(), Kernel.create("nsmwgk0", &cfg).map(|d| d.id().name.clone()))
             })
             .join()
             .unwrap()

@@ -238,23 +238,35 @@ pub trait WgBackend: Send + Sync {
     fn create(&self, name: &str, cfg: &WgConfig) -> Result<Box<dyn WgDevice>, WgError>;
 }
 
+/// A refresh of a device's peer ([`WgDevice::update_peer`]).
+#[derive(Clone, Debug, Default)]
+pub struct PeerUpdate {
+    /// `None` keeps the current (configured or learned) endpoint.
+    pub endpoint: Option<SocketAddr>,
+    /// Replaces the allowed IPs.
+    pub allowed_ips: Vec<IpNetwork>,
+    /// Persistent keepalive, seconds; `None`/0 = off.
+    pub keepalive: Option<u16>,
+}
+
+/// What identifies a created device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceId {
+    /// The name it was created with (= the UAPI socket name).
+    pub name: String,
+    /// Its ifindex in the namespace it was created in.
+    pub ifindex: u32,
+    /// Its UDP listen port.
+    pub port: u16,
+}
+
 /// A running single-peer device.
 pub trait WgDevice: Send + Sync {
-    /// The name it was created with (= the UAPI socket name).
-    fn name(&self) -> &str;
-    /// Its ifindex in the namespace it was created in.
-    fn ifindex(&self) -> u32;
-    fn listen_port(&self) -> u16;
+    /// Name, ifindex and listen port.
+    fn id(&self) -> &DeviceId;
     fn public_key(&self) -> Key;
-    /// Refreshes the peer: `endpoint` (`None` keeps the current, configured
-    /// or learned one), the allowed IPs (replaced) and the persistent
-    /// keepalive (`None`/0 = off).
-    fn update_peer(
-        &self,
-        endpoint: Option<SocketAddr>,
-        allowed_ips: &[IpNetwork],
-        keepalive: Option<u16>,
-    ) -> Result<(), WgError>;
+    /// Refreshes the peer as `u` says.
+    fn update_peer(&self, u: &PeerUpdate) -> Result<(), WgError>;
     fn stats(&self) -> WgStats;
     /// Tells the device that its netdev now lives in `netns` as `ifname`
     /// (after the caller moved / renamed it). The userspace backend ignores
@@ -268,29 +280,14 @@ pub trait WgDevice: Send + Sync {
     fn close(self: Box<Self>);
 }
 
-/// Validates a device name as the kernel does (`dev_valid_name`), and so
-/// that the UAPI socket path is a plain file name.
+/// Validates a device name as the kernel does (`dev_valid_name`, see
+/// [`crate::kernel::validate_ifname`]), which also keeps the UAPI socket
+/// path a plain file name (no `/`, no `.`/`..`).
 pub fn validate_name(name: &str) -> Result<(), WgError> {
-    let err = |rule| Err(WgError::InvalidName { name: name.to_string(), rule });
-    if name.is_empty() {
-        return err("it must not be empty");
-    }
-    if name.len() > MAX_NAME_LEN {
-        return err("it must be at most 15 bytes long (Linux IFNAMSIZ)");
-    }
-    if name == "." || name == ".." {
-        return err("it must not be \".\" or \"..\"");
-    }
-    if name.contains('/') {
-        return err("it must not contain '/'");
-    }
-    if name.contains(':') {
-        return err("it must not contain ':'");
-    }
-    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return err("it must not contain whitespace or control characters");
-    }
-    Ok(())
+    crate::kernel::validate_ifname(name).map_err(|e| match e {
+        crate::kernel::KernelError::InvalidName { name, rule } => WgError::InvalidName { name, rule },
+        other => WgError::InvalidConfig { name: name.to_string(), reason: other.to_string() },
+    })
 }
 
 /// The kernel backend if the kernel can create WireGuard links in the

@@ -17,19 +17,16 @@
 //!   disappears in whichever namespace it is) and the UDP socket, and
 //!   removes the UAPI socket file; it is idempotent.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-
-use ipnetwork::IpNetwork;
 
 use super::datapath::{self, Shared};
 use super::io::{NetworkIo, TunDevice, TunnelIo, UdpTransport};
 use super::key::Key;
 use super::noise::Peer;
 use super::uapi::{self, EINVAL, EOPNOTSUPP, PeerSnapshot, Reject, SetRequest, Snapshot, SocketFile, UapiTarget};
-use super::{MAX_MTU, MIN_MTU, WgBackend, WgConfig, WgDevice, WgError, WgStats, validate_name};
+use super::{DeviceId, MAX_MTU, MIN_MTU, PeerUpdate, WgBackend, WgConfig, WgDevice, WgError, WgStats, validate_name};
 
 /// The embedded userspace WireGuard backend (boringtun's Noise core on a
 /// TUN device, with the standard UAPI socket).
@@ -56,9 +53,7 @@ struct Running {
 
 /// One running userspace device.
 pub struct UserspaceDevice {
-    name: String,
-    ifindex: u32,
-    port: u16,
+    id: DeviceId,
     shared: Arc<Shared>,
     control: Arc<Control>,
     running: Mutex<Option<Running>>,
@@ -67,9 +62,9 @@ pub struct UserspaceDevice {
 impl std::fmt::Debug for UserspaceDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UserspaceDevice")
-            .field("name", &self.name)
-            .field("ifindex", &self.ifindex)
-            .field("port", &self.port)
+            .field("name", &self.id.name)
+            .field("ifindex", &self.id.ifindex)
+            .field("port", &self.id.port)
             .finish_non_exhaustive()
     }
 }
@@ -176,9 +171,7 @@ impl UserspaceDevice {
             "userspace WireGuard device up"
         );
         Ok(UserspaceDevice {
-            name: name.to_string(),
-            ifindex,
-            port,
+            id: DeviceId { name: name.to_string(), ifindex, port },
             shared,
             control,
             running: Mutex::new(Some(Running { threads, tun, net, socket })),
@@ -190,7 +183,7 @@ impl UserspaceDevice {
         self.shared.stop();
         for t in r.threads {
             if t.join().is_err() {
-                tracing::error!(device = %self.name, "a WireGuard device thread panicked");
+                tracing::error!(device = %self.id.name, "a WireGuard device thread panicked");
             }
         }
         // The threads are gone: these were the last references, so the TUN
@@ -198,41 +191,29 @@ impl UserspaceDevice {
         drop(r.tun);
         drop(r.net);
         drop(r.socket);
-        tracing::info!(device = %self.name, "userspace WireGuard device closed");
+        tracing::info!(device = %self.id.name, "userspace WireGuard device closed");
     }
 }
 
 impl WgDevice for UserspaceDevice {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn ifindex(&self) -> u32 {
-        self.ifindex
-    }
-
-    fn listen_port(&self) -> u16 {
-        self.port
+    fn id(&self) -> &DeviceId {
+        &self.id
     }
 
     fn public_key(&self) -> Key {
         self.shared.peer().public_key().clone()
     }
 
-    fn update_peer(
-        &self,
-        endpoint: Option<SocketAddr>,
-        allowed_ips: &[IpNetwork],
-        keepalive: Option<u16>,
-    ) -> Result<(), WgError> {
+    fn update_peer(&self, u: &PeerUpdate) -> Result<(), WgError> {
+        let endpoint = u.endpoint;
         if self.shared.stopped() {
-            return Err(WgError::Closed { name: self.name.clone() });
+            return Err(WgError::Closed { name: self.id.name.clone() });
         }
         if let Some(ep) = endpoint
             && !self.control.net.can_reach(&ep)
         {
             return Err(WgError::InvalidConfig {
-                name: self.name.clone(),
+                name: self.id.name.clone(),
                 reason: format!(
                     "endpoint {ep} is IPv6 but the device's UDP socket is IPv4-only (IPv6 unavailable in the node \
                      namespace at creation)"
@@ -243,8 +224,8 @@ impl WgDevice for UserspaceDevice {
         if endpoint.is_some() {
             p.set_endpoint(endpoint);
         }
-        p.set_allowed_ips(allowed_ips.to_vec());
-        p.set_keepalive(keepalive);
+        p.set_allowed_ips(u.allowed_ips.clone());
+        p.set_keepalive(u.keepalive);
         Ok(())
     }
 

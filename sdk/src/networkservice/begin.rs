@@ -51,7 +51,7 @@ use nsm_api::connection::{Connection, State};
 use nsm_api::networkservice::NetworkServiceRequest;
 use tonic::Status;
 
-use super::chain::{Context, Element, Next, conn_mut};
+use super::chain::{ConnResult, Context, Element, Next, conn_mut};
 
 /// Time budget of calls that `begin` starts on its own (timeouts, events).
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -175,16 +175,7 @@ impl BeginState {
 
 #[async_trait]
 impl Element for Begin {
-    fn name(&self) -> &'static str {
-        "begin"
-    }
-
-    async fn request(
-        &self,
-        ctx: &mut Context,
-        mut req: NetworkServiceRequest,
-        next: Next,
-    ) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> ConnResult {
         let id = conn_mut(&mut req).id.clone();
         if id.is_empty() {
             return Err(Status::invalid_argument("request has an empty connection id"));

@@ -29,14 +29,22 @@ use super::begin::EventFactory;
 use super::connect::DEFAULT_CALL_TIMEOUT;
 use super::metadata::ConnMetadata;
 
+/// What a Request through a chain (or an element) yields: the connection as
+/// this hop returns it, or the failure.
+pub type ConnResult = Result<Connection, Status>;
+
 /// One step of a Request/Close chain.
 #[async_trait]
 pub trait Element: Send + Sync + 'static {
-    /// Short name for logs and spans (`updatepath`, `begin`, ...).
-    fn name(&self) -> &'static str;
+    /// Short name for logs, spans and chain listings (`updatepath`,
+    /// `begin`, ...). Default: the type's name in lower case
+    /// (`UpdatePath` → `updatepath`).
+    fn name(&self) -> &'static str {
+        type_name_lower(std::any::type_name::<Self>())
+    }
 
     /// Handle a Request; call `next.request` to continue down the chain.
-    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> Result<Connection, Status>;
+    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> ConnResult;
 
     /// Handle a Close; call `next.close` to continue down the chain. The
     /// default passes the Close on unchanged (elements that only act on
@@ -44,6 +52,23 @@ pub trait Element: Send + Sync + 'static {
     async fn close(&self, ctx: &mut Context, conn: Connection, next: Next) -> Result<(), Status> {
         next.close(ctx, conn).await
     }
+}
+
+/// `a::b::UpdatePath<F>` → `updatepath`, computed once per type and kept
+/// for the life of the process (a few bytes per element type).
+fn type_name_lower(full: &'static str) -> &'static str {
+    use std::collections::HashMap;
+    use std::sync::{OnceLock, RwLock};
+    static NAMES: OnceLock<RwLock<HashMap<&'static str, &'static str>>> = OnceLock::new();
+    let names = NAMES.get_or_init(Default::default);
+    if let Some(n) = names.read().unwrap_or_else(|e| e.into_inner()).get(full) {
+        return n;
+    }
+    let base = full.split('<').next().unwrap_or(full);
+    let short = base.rsplit("::").next().unwrap_or(base).to_ascii_lowercase();
+    let leaked: &'static str = Box::leak(short.into_boxed_str());
+    names.write().unwrap_or_else(|e| e.into_inner()).insert(full, leaked);
+    leaked
 }
 
 /// Cursor over the rest of a chain.
@@ -56,7 +81,7 @@ pub struct Next {
 impl Next {
     /// Runs the rest of the chain for a Request. The empty tail returns the
     /// request's connection, like Go's tail server.
-    pub async fn request(self, ctx: &mut Context, req: NetworkServiceRequest) -> Result<Connection, Status> {
+    pub async fn request(self, ctx: &mut Context, req: NetworkServiceRequest) -> ConnResult {
         match self.chain.get(self.pos).cloned() {
             Some(e) => {
                 let span = tracing::trace_span!("element", name = e.name());
@@ -121,7 +146,7 @@ impl Chain {
     }
 
     /// Runs a Request through the whole chain.
-    pub async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest) -> Result<Connection, Status> {
+    pub async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest) -> ConnResult {
         self.start().request(ctx, req).await
     }
 
@@ -255,6 +280,21 @@ mod tests {
         let err = chain.request(&mut Context::default(), Default::default()).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::NotFound);
         assert_eq!(*log.lock().unwrap(), vec!["a>", "<a"], "the error travels back through a");
+    }
+
+    #[test]
+    fn default_names_are_the_lowercase_type_name() {
+        struct UpdatePathLike;
+        #[async_trait]
+        impl Element for UpdatePathLike {
+            async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> ConnResult {
+                next.request(ctx, req).await
+            }
+        }
+        assert_eq!(UpdatePathLike.name(), "updatepathlike");
+        assert_eq!(crate::testing::OnClose::new(|_| {}).name(), "onclose", "generics are left out");
+        let chain = Chain::new(vec![Arc::new(UpdatePathLike), Record::new("a", &Record::log())]);
+        assert_eq!(chain.names(), ["updatepathlike", "record"]);
     }
 
     #[test]

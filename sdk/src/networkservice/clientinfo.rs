@@ -9,12 +9,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use nsm_api::connection::Connection;
 use nsm_api::mechanisms::labels;
 use nsm_api::networkservice::NetworkServiceRequest;
-use tonic::Status;
 
-use super::chain::{Context, Element, Next, conn_mut};
+use super::chain::{ConnResult, Context, Element, Next, conn_mut};
 
 /// The `clientinfo` element.
 pub struct ClientInfo {
@@ -39,15 +37,7 @@ pub fn info_labels(node: &str, pod: &str, cluster: &str) -> BTreeMap<String, Str
 
 #[async_trait]
 impl Element for ClientInfo {
-    fn name(&self) -> &'static str {
-        "clientinfo"
-    }
-    async fn request(
-        &self,
-        ctx: &mut Context,
-        mut req: NetworkServiceRequest,
-        next: Next,
-    ) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> ConnResult {
         let conn = conn_mut(&mut req);
         for (k, v) in &self.labels {
             conn.labels.entry(k.clone()).or_insert_with(|| v.clone());

@@ -29,7 +29,7 @@ use nsm_api::networkservice::network_service_client::NetworkServiceClient;
 use tonic::Status;
 use url::Url;
 
-use super::chain::{Chain, Context, Element, Next};
+use super::chain::{Chain, ConnResult, Context, Element, Next};
 use crate::security::tls::ServerPeer;
 use crate::tools::grpc::ChannelPool;
 use crate::tools::token::{self, SharedTokenGenerator};
@@ -51,16 +51,7 @@ impl Connect {
 
 #[async_trait]
 impl Element for Connect {
-    fn name(&self) -> &'static str {
-        "connect"
-    }
-
-    async fn request(
-        &self,
-        ctx: &mut Context,
-        mut req: NetworkServiceRequest,
-        next: Next,
-    ) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> ConnResult {
         let downstream = self.client.request(ctx, req.clone()).await?;
         req.connection = Some(downstream.clone());
         match next.request(ctx, req).await {
@@ -141,7 +132,7 @@ impl Element for GrpcClient {
         "grpc-client"
     }
 
-    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, _next: Next) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, _next: Next) -> ConnResult {
         let previous = ctx.meta.as_ref().and_then(|m| m.client_get::<DialedUrl>()).map(|d| d.0);
         let url = match (&ctx.client_url, &previous) {
             (Some(u), _) => u.clone(),

@@ -31,7 +31,7 @@ use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_api::registry::{NetworkService, NetworkServiceEndpoint};
 use tonic::Status;
 
-use super::chain::{Context, Element, Next, conn_mut};
+use super::chain::{ConnResult, Context, Element, Next, conn_mut};
 use crate::registry::{NsRegistry, NseRegistry, find_ns, find_nses};
 use crate::tools::grpc::parse_url;
 use crate::tools::matchutils::match_endpoint;
@@ -73,16 +73,7 @@ fn expired(nse: &NetworkServiceEndpoint) -> bool {
 
 #[async_trait]
 impl Element for Discover {
-    fn name(&self) -> &'static str {
-        "discover"
-    }
-
-    async fn request(
-        &self,
-        ctx: &mut Context,
-        mut req: NetworkServiceRequest,
-        next: Next,
-    ) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> ConnResult {
         if ctx.client_url.is_some() {
             return next.request(ctx, req).await;
         }
@@ -151,16 +142,7 @@ impl RoundRobin {
 
 #[async_trait]
 impl Element for RoundRobin {
-    fn name(&self) -> &'static str {
-        "roundrobin"
-    }
-
-    async fn request(
-        &self,
-        ctx: &mut Context,
-        mut req: NetworkServiceRequest,
-        next: Next,
-    ) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> ConnResult {
         let Some(Candidates(cands)) = ctx.ext.remove::<Candidates>() else {
             // The URL was chosen before us.
             return next.request(ctx, req).await;
@@ -222,15 +204,7 @@ mod tests {
 
     #[async_trait]
     impl Element for Target {
-        fn name(&self) -> &'static str {
-            "target"
-        }
-        async fn request(
-            &self,
-            ctx: &mut Context,
-            req: NetworkServiceRequest,
-            next: Next,
-        ) -> Result<Connection, Status> {
+        async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> ConnResult {
             let url = ctx.client_url.as_ref().map(|u| u.to_string()).unwrap_or_default();
             let nse = req.connection.as_ref().map(|c| c.network_service_endpoint_name.clone()).unwrap_or_default();
             self.0.lock().unwrap().push((url.clone(), nse));

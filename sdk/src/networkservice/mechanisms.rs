@@ -25,7 +25,7 @@ use nsm_api::mechanisms::common;
 use nsm_api::networkservice::NetworkServiceRequest;
 use tonic::Status;
 
-use super::chain::{Context, Element, Next, conn_mut};
+use super::chain::{ConnResult, Context, Element, Next, conn_mut};
 
 /// The `mechanisms` element.
 pub struct Mechanisms {
@@ -57,16 +57,7 @@ fn record_metric(conn: &mut Connection) {
 
 #[async_trait]
 impl Element for Mechanisms {
-    fn name(&self) -> &'static str {
-        "mechanisms"
-    }
-
-    async fn request(
-        &self,
-        ctx: &mut Context,
-        mut req: NetworkServiceRequest,
-        next: Next,
-    ) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> ConnResult {
         if let Some(m) = &conn_mut(&mut req).mechanism {
             let Some(h) = self.handlers.get(&m.r#type) else {
                 return Err(Status::invalid_argument(format!(

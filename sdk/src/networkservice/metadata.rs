@@ -20,7 +20,7 @@ use nsm_api::connection::Connection;
 use nsm_api::networkservice::NetworkServiceRequest;
 use tonic::Status;
 
-use super::chain::{Context, Element, Next, conn_mut};
+use super::chain::{ConnResult, Context, Element, Next, conn_mut};
 
 /// Per-connection storage: `http::Extensions` maps keyed by type.
 #[derive(Debug, Default)]
@@ -89,16 +89,7 @@ impl Metadata {
 
 #[async_trait]
 impl Element for Metadata {
-    fn name(&self) -> &'static str {
-        "metadata"
-    }
-
-    async fn request(
-        &self,
-        ctx: &mut Context,
-        mut req: NetworkServiceRequest,
-        next: Next,
-    ) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> ConnResult {
         let id = conn_mut(&mut req).id.clone();
         let (meta, created) = {
             let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());

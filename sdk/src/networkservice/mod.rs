@@ -10,6 +10,7 @@ pub mod chains;
 pub mod clientinfo;
 pub mod connect;
 pub mod discover;
+pub mod kernel;
 pub mod mechanisms;
 pub mod metadata;
 pub mod monitor;
@@ -19,4 +20,4 @@ pub mod trimpath;
 pub mod updatepath;
 pub mod updatetoken;
 
-pub use chain::{Chain, Context, Element, Next, Peer};
+pub use chain::{Chain, ConnResult, Context, Element, Next, Peer};

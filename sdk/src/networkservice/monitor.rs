@@ -31,7 +31,7 @@ use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
 use super::authorize::AuthorizeMonitor;
-use super::chain::{Context, Element, Next, conn_mut};
+use super::chain::{ConnResult, Context, Element, Next, conn_mut};
 use crate::tools::grpc::ConnInfo;
 
 /// Events a subscriber may lag behind before it is cut off.
@@ -191,12 +191,7 @@ impl Element for MonitorElement {
         "monitor"
     }
 
-    async fn request(
-        &self,
-        ctx: &mut Context,
-        mut req: NetworkServiceRequest,
-        next: Next,
-    ) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> ConnResult {
         let id = conn_mut(&mut req).id.clone();
         let established = self.server.inner.conns.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
         match next.request(ctx, req).await {

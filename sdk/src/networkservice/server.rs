@@ -82,6 +82,33 @@ fn peer_of(ctx: &Context) -> String {
     ctx.peer.spiffe_id.clone().unwrap_or_else(|| "-".to_string())
 }
 
+/// Runs a chain call in its own task, so a caller that hangs up (or whose
+/// deadline passes) does not cancel it half way and leave state behind;
+/// returns its result, or hands it to `abandoned` when nobody waits for it
+/// any more.
+async fn run_to_completion<T, A, AF>(
+    what: &'static str,
+    span: tracing::Span,
+    call: impl std::future::Future<Output = Result<T, Status>> + Send + 'static,
+    abandoned: A,
+) -> Result<T, Status>
+where
+    T: Send + 'static,
+    A: FnOnce(Result<T, Status>) -> AF + Send + 'static,
+    AF: std::future::Future<Output = ()> + Send,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(
+        async move {
+            if let Err(res) = tx.send(call.await) {
+                abandoned(res).await;
+            }
+        }
+        .instrument(span),
+    );
+    rx.await.unwrap_or_else(|_| Err(Status::internal(format!("{what} task ended without an answer"))))
+}
+
 #[async_trait]
 impl NetworkService for ChainServer {
     async fn request(&self, r: Request<NetworkServiceRequest>) -> Result<Response<Connection>, Status> {
@@ -90,34 +117,34 @@ impl NetworkService for ChainServer {
         let (id, svc) = req.connection.as_ref().map(|c| (c.id.clone(), c.network_service.clone())).unwrap_or_default();
         let span = tracing::info_span!("request", conn_id = %id, service = %svc, peer = %peer_of(&ctx));
         let chain = self.chain.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(
-            async move {
-                let t0 = Instant::now();
-                let res = chain.request(&mut ctx, req).await;
-                match &res {
-                    Ok(c) => tracing::info!(
-                        took = ?t0.elapsed(),
-                        nse = %c.network_service_endpoint_name,
-                        path = %summary(c),
-                        ids = %identities(c),
-                        "request ok"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(took = ?t0.elapsed(), code = ?e.code(), error = %e.message(), "request failed")
-                    }
-                }
-                if let Err(Ok(conn)) = tx.send(res) {
-                    tracing::warn!("the caller went away before the answer; closing the connection it would have got");
-                    let mut cctx = Context::with_timeout(DEFAULT_CALL_TIMEOUT);
-                    if let Err(e) = chain.close(&mut cctx, conn).await {
-                        tracing::warn!(error = %e.message(), "closing the abandoned connection failed");
-                    }
+        let abandoned = chain.clone();
+        let call = async move {
+            let t0 = Instant::now();
+            let res = chain.request(&mut ctx, req).await;
+            match &res {
+                Ok(c) => tracing::info!(
+                    took = ?t0.elapsed(),
+                    nse = %c.network_service_endpoint_name,
+                    path = %summary(c),
+                    ids = %identities(c),
+                    "request ok"
+                ),
+                Err(e) => {
+                    tracing::warn!(took = ?t0.elapsed(), code = ?e.code(), error = %e.message(), "request failed")
                 }
             }
-            .instrument(span),
-        );
-        rx.await.unwrap_or_else(|_| Err(Status::internal("request task ended without an answer"))).map(Response::new)
+            res
+        };
+        let on_abandoned = |res: Result<Connection, Status>| async move {
+            if let Ok(conn) = res {
+                tracing::warn!("the caller went away before the answer; closing the connection it would have got");
+                let mut cctx = Context::with_timeout(DEFAULT_CALL_TIMEOUT);
+                if let Err(e) = abandoned.close(&mut cctx, conn).await {
+                    tracing::warn!(error = %e.message(), "closing the abandoned connection failed");
+                }
+            }
+        };
+        run_to_completion("request", span, call, on_abandoned).await.map(Response::new)
     }
 
     async fn close(&self, r: Request<Connection>) -> Result<Response<()>, Status> {
@@ -126,22 +153,16 @@ impl NetworkService for ChainServer {
         let span =
             tracing::info_span!("close", conn_id = %conn.id, service = %conn.network_service, peer = %peer_of(&ctx));
         let chain = self.chain.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(
-            async move {
-                let t0 = Instant::now();
-                let res = chain.close(&mut ctx, conn).await;
-                match &res {
-                    Ok(()) => tracing::info!(took = ?t0.elapsed(), "close ok"),
-                    Err(e) => {
-                        tracing::warn!(took = ?t0.elapsed(), code = ?e.code(), error = %e.message(), "close failed")
-                    }
-                }
-                let _ = tx.send(res);
+        let call = async move {
+            let t0 = Instant::now();
+            let res = chain.close(&mut ctx, conn).await;
+            match &res {
+                Ok(()) => tracing::info!(took = ?t0.elapsed(), "close ok"),
+                Err(e) => tracing::warn!(took = ?t0.elapsed(), code = ?e.code(), error = %e.message(), "close failed"),
             }
-            .instrument(span),
-        );
-        rx.await.unwrap_or_else(|_| Err(Status::internal("close task ended without an answer"))).map(Response::new)
+            res
+        };
+        run_to_completion("close", span, call, |_| async {}).await.map(Response::new)
     }
 }
 
@@ -154,7 +175,7 @@ mod tests {
     use nsm_api::networkservice::network_service_client::NetworkServiceClient;
 
     use super::*;
-    use crate::networkservice::chain::{Element, Next};
+    use crate::networkservice::chain::{ConnResult, Element, Next};
     use crate::testing::{Record, request_with_id};
     use crate::tools::grpc::{Listeners, dial, parse_url};
 
@@ -162,15 +183,7 @@ mod tests {
 
     #[async_trait]
     impl Element for Sleep {
-        fn name(&self) -> &'static str {
-            "sleep"
-        }
-        async fn request(
-            &self,
-            ctx: &mut Context,
-            req: NetworkServiceRequest,
-            next: Next,
-        ) -> Result<Connection, Status> {
+        async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> ConnResult {
             tokio::time::sleep(self.0).await;
             next.request(ctx, req).await
         }

@@ -20,7 +20,7 @@ use nsm_api::connection::Connection;
 use nsm_api::networkservice::NetworkServiceRequest;
 use tonic::Status;
 
-use super::chain::{Context, Element, Next};
+use super::chain::{ConnResult, Context, Element, Next};
 use crate::tools::token;
 
 /// The `timeout` element.
@@ -63,11 +63,7 @@ fn caller_expiry(conn: &Connection) -> Option<SystemTime> {
 
 #[async_trait]
 impl Element for Timeout {
-    fn name(&self) -> &'static str {
-        "timeout"
-    }
-
-    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> ConnResult {
         let (Some(events), Some(meta)) = (ctx.events.clone(), ctx.meta.clone()) else {
             return Err(Status::internal("chain misconfigured: timeout must come after begin and metadata"));
         };

@@ -11,11 +11,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use nsm_api::connection::Connection;
 use nsm_api::networkservice::NetworkServiceRequest;
-use tonic::Status;
 
-use super::chain::{Context, Element, Next};
+use super::chain::{ConnResult, Context, Element, Next};
 
 #[derive(Clone, Copy)]
 struct Passthrough;
@@ -39,10 +37,7 @@ impl TrimPath {
 
 #[async_trait]
 impl Element for TrimPath {
-    fn name(&self) -> &'static str {
-        "trimpath"
-    }
-    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> ConnResult {
         let mut conn = next.request(ctx, req).await?;
         if ctx.ext.get::<Passthrough>().is_none()
             && let Some(p) = conn.path.as_mut()
@@ -58,7 +53,7 @@ impl Element for TrimPathClient {
     fn name(&self) -> &'static str {
         "trimpath-client"
     }
-    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> ConnResult {
         ctx.ext.insert(Passthrough);
         next.request(ctx, req).await
     }
@@ -66,7 +61,7 @@ impl Element for TrimPathClient {
 
 #[cfg(test)]
 mod tests {
-    use nsm_api::connection::{Path, PathSegment};
+    use nsm_api::connection::{Connection, Path, PathSegment};
 
     use super::*;
     use crate::networkservice::chain::Chain;

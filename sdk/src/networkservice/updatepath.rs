@@ -23,7 +23,7 @@ use nsm_api::connection::{Connection, Path, PathSegment};
 use nsm_api::networkservice::NetworkServiceRequest;
 use tonic::Status;
 
-use super::chain::{Context, Element, Next, conn_mut};
+use super::chain::{ConnResult, Context, Element, Next, conn_mut};
 
 /// The `updatepath` element.
 pub struct UpdatePath {
@@ -94,16 +94,7 @@ fn restore(conn: &mut Connection, index: u32) {
 
 #[async_trait]
 impl Element for UpdatePath {
-    fn name(&self) -> &'static str {
-        "updatepath"
-    }
-
-    async fn request(
-        &self,
-        ctx: &mut Context,
-        mut req: NetworkServiceRequest,
-        next: Next,
-    ) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> ConnResult {
         let back = update_path(conn_mut(&mut req), &self.name)?;
         let mut conn = next.request(ctx, req).await?;
         restore(&mut conn, back);

@@ -20,7 +20,7 @@ use nsm_api::connection::Connection;
 use nsm_api::networkservice::NetworkServiceRequest;
 use tonic::Status;
 
-use super::chain::{Context, Element, Next, conn_mut};
+use super::chain::{ConnResult, Context, Element, Next, conn_mut};
 use crate::tools::token::{self, SharedTokenGenerator};
 
 /// The `updatetoken` element.
@@ -59,16 +59,7 @@ impl UpdateToken {
 
 #[async_trait]
 impl Element for UpdateToken {
-    fn name(&self) -> &'static str {
-        "updatetoken"
-    }
-
-    async fn request(
-        &self,
-        ctx: &mut Context,
-        mut req: NetworkServiceRequest,
-        next: Next,
-    ) -> Result<Connection, Status> {
+    async fn request(&self, ctx: &mut Context, mut req: NetworkServiceRequest, next: Next) -> ConnResult {
         self.apply(ctx, conn_mut(&mut req))?;
         next.request(ctx, req).await
     }

@@ -125,6 +125,39 @@ pub async fn register_nse_with_refresh(
     Ok((registered, guard))
 }
 
+/// The registration of an endpoint called `name` serving at `url`, for the
+/// network services `services`, each with the same `labels`.
+pub fn endpoint_record(
+    name: &str,
+    services: &[String],
+    labels: &std::collections::HashMap<String, String>,
+    url: &url::Url,
+) -> NetworkServiceEndpoint {
+    NetworkServiceEndpoint {
+        name: name.to_string(),
+        network_service_names: services.to_vec(),
+        network_service_labels: services
+            .iter()
+            .map(|s| (s.clone(), nsm_api::registry::NetworkServiceLabels { labels: labels.clone() }))
+            .collect(),
+        url: url.to_string(),
+        ..Default::default()
+    }
+}
+
+/// What a daemon keeps registered while it serves
+/// ([`crate::tools::daemon::serve_registered`]).
+pub struct Registration {
+    /// Where to register (the nsmgr's registry service).
+    pub registry: Arc<dyn NseRegistry>,
+    /// The record ([`endpoint_record`]).
+    pub endpoint: NetworkServiceEndpoint,
+    /// Refresh period when the registry sets no expiration.
+    pub refresh: Duration,
+    /// What a failed first attempt does.
+    pub first: FirstRegistration,
+}
+
 /// What [`register_served`] does when the first registration fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FirstRegistration {

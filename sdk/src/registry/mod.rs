@@ -275,40 +275,36 @@ fn bounded<T: Send + 'static>(
     }
 }
 
-#[async_trait]
-impl NsRegistry for RemoteRegistry {
-    async fn register(&self, ctx: &Context, ns: NetworkService) -> Result<NetworkService, Status> {
-        let (ch, r) = self.req(ctx, ns, false).await?;
-        Ok(NetworkServiceRegistryClient::new(ch).register(r).await.map_err(|e| self.err(e))?.into_inner())
-    }
-    async fn find(&self, ctx: &Context, q: NetworkServiceQuery) -> Result<NsStream, Status> {
-        let watch = q.watch;
-        let (ch, r) = self.req(ctx, q, true).await?;
-        let s = NetworkServiceRegistryClient::new(ch).find(r).await.map_err(|e| self.err(e))?.into_inner();
-        Ok(bounded(ctx, watch, s))
-    }
-    async fn unregister(&self, ctx: &Context, ns: NetworkService) -> Result<(), Status> {
-        let (ch, r) = self.req(ctx, ns, false).await?;
-        NetworkServiceRegistryClient::new(ch).unregister(r).await.map_err(|e| self.err(e))?;
-        Ok(())
-    }
+/// The registry traits over gRPC (`$client` is the generated client of
+/// the service); written once for both.
+macro_rules! remote_for {
+    ($reg:ident, $rec:ty, $query:ty, $stream:ty, $client:ident) => {
+        #[async_trait]
+        impl $reg for RemoteRegistry {
+            async fn register(&self, ctx: &Context, rec: $rec) -> Result<$rec, Status> {
+                let (ch, r) = self.req(ctx, rec, false).await?;
+                Ok($client::new(ch).register(r).await.map_err(|e| self.err(e))?.into_inner())
+            }
+            async fn find(&self, ctx: &Context, q: $query) -> Result<$stream, Status> {
+                let watch = q.watch;
+                let (ch, r) = self.req(ctx, q, true).await?;
+                let s = $client::new(ch).find(r).await.map_err(|e| self.err(e))?.into_inner();
+                Ok(bounded(ctx, watch, s))
+            }
+            async fn unregister(&self, ctx: &Context, rec: $rec) -> Result<(), Status> {
+                let (ch, r) = self.req(ctx, rec, false).await?;
+                $client::new(ch).unregister(r).await.map_err(|e| self.err(e))?;
+                Ok(())
+            }
+        }
+    };
 }
 
-#[async_trait]
-impl NseRegistry for RemoteRegistry {
-    async fn register(&self, ctx: &Context, nse: NetworkServiceEndpoint) -> Result<NetworkServiceEndpoint, Status> {
-        let (ch, r) = self.req(ctx, nse, false).await?;
-        Ok(NetworkServiceEndpointRegistryClient::new(ch).register(r).await.map_err(|e| self.err(e))?.into_inner())
-    }
-    async fn find(&self, ctx: &Context, q: NetworkServiceEndpointQuery) -> Result<NseStream, Status> {
-        let watch = q.watch;
-        let (ch, r) = self.req(ctx, q, true).await?;
-        let s = NetworkServiceEndpointRegistryClient::new(ch).find(r).await.map_err(|e| self.err(e))?.into_inner();
-        Ok(bounded(ctx, watch, s))
-    }
-    async fn unregister(&self, ctx: &Context, nse: NetworkServiceEndpoint) -> Result<(), Status> {
-        let (ch, r) = self.req(ctx, nse, false).await?;
-        NetworkServiceEndpointRegistryClient::new(ch).unregister(r).await.map_err(|e| self.err(e))?;
-        Ok(())
-    }
-}
+remote_for!(NsRegistry, NetworkService, NetworkServiceQuery, NsStream, NetworkServiceRegistryClient);
+remote_for!(
+    NseRegistry,
+    NetworkServiceEndpoint,
+    NetworkServiceEndpointQuery,
+    NseStream,
+    NetworkServiceEndpointRegistryClient
+);

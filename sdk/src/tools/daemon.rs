@@ -1,5 +1,7 @@
-//! What every daemon's `main` does: wait for SIGTERM/SIGINT, serve a tonic
-//! router on bound listeners with grpc health, and parse durations.
+//! What every daemon's `main` does ([`serve_main`]): parse the
+//! configuration, set up logging and identity, bind the listeners, serve a
+//! tonic router with grpc health until SIGTERM/SIGINT; and the flags every
+//! daemon shares ([`CommonArgs`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +14,41 @@ use crate::networkservice::authorize::AuthorizeMonitor;
 use crate::networkservice::monitor::MonitorServer;
 use crate::security::policy::PolicySet;
 use crate::security::tls::Tls;
+
+/// What a serving daemon's configuration tells [`serve_main`].
+pub trait DaemonConfig: clap::Parser + Send + 'static {
+    /// The program name in one-line errors (`<prog>: <reason>`).
+    const PROG: &'static str;
+    /// Its shared flags, the lifetime of the tokens it mints, and where it
+    /// serves.
+    fn serving(&self) -> (&CommonArgs, Duration, Vec<url::Url>);
+}
+
+/// When a daemon stops: SIGTERM/SIGINT in production ([`shutdown_signal`]),
+/// anything in tests.
+pub type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// The whole `main` of a serving daemon (nsmgr, forwarder, endpoints,
+/// registry): parses `C` (`--help` exits 0, bad configuration exits 64 with
+/// clap's explanation), initialises logging and identity (exit 64 / 1, see
+/// [`CommonArgs::security_or_exit`]), binds the listeners (exit 1 naming the
+/// URL), and runs `run` until SIGTERM or SIGINT; a failure exits 1 with a
+/// one-line reason.
+pub async fn serve_main<C, F, Fut>(run: F)
+where
+    C: DaemonConfig,
+    F: FnOnce(C, Security, Listeners, Shutdown) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let cfg: C = parse_or_exit();
+    let (common, token_lifetime, urls) = cfg.serving();
+    common.init_or_exit(C::PROG);
+    let sec = common.security_or_exit(C::PROG, token_lifetime).await;
+    let listeners = Listeners::bind(&urls).await.unwrap_or_else(|e| exit_with(C::PROG, e));
+    if let Err(e) = run(cfg, sec, listeners, Box::pin(shutdown_signal())).await {
+        exit_with(C::PROG, format!("{e:#}"));
+    }
+}
 
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
@@ -102,32 +139,37 @@ pub async fn endpoint_router(ep: &crate::networkservice::chains::Endpoint, more:
 
 /// What a daemon that serves an endpoint (a forwarder, an NSE) does after
 /// building its router: serves it on `listeners` (mutual TLS with `sec`)
-/// until `shutdown`, keeps `nse` registered through `reg` meanwhile
-/// ([`register_served`](crate::registry::client::register_served), `first`
-/// says whether a failed first registration is retried), calls
-/// `registered` once it is, and unregisters when the server has stopped.
-#[allow(clippy::too_many_arguments)]
+/// until `shutdown`, keeps `reg.endpoint` registered meanwhile
+/// ([`register_served`](crate::registry::client::register_served); whether
+/// a failed first registration is retried is `reg.first`), logs "`<what>`
+/// registered and serving" with its name, services, URL and SPIFFE ID once
+/// it is, and unregisters when the server has stopped.
 pub async fn serve_registered(
     router: Router,
     listeners: Listeners,
     sec: &Security,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    reg: Arc<dyn crate::registry::NseRegistry>,
-    nse: nsm_api::registry::NetworkServiceEndpoint,
-    refresh: Duration,
-    first: crate::registry::client::FirstRegistration,
-    registered: impl FnOnce(&nsm_api::registry::NetworkServiceEndpoint),
+    reg: crate::registry::client::Registration,
+    what: &str,
 ) -> anyhow::Result<()> {
     let server = tokio::spawn(serve_with(router, listeners, sec.tls.clone(), shutdown, Duration::from_secs(5)));
-    let what = nse.name.clone();
-    let (nse, guard) = match crate::registry::client::register_served(reg, nse, refresh, first, &server).await {
+    let name = reg.endpoint.name.clone();
+    let registering =
+        crate::registry::client::register_served(reg.registry, reg.endpoint, reg.refresh, reg.first, &server);
+    let (nse, guard) = match registering.await {
         Ok(r) => r,
         Err(e) => {
             server.abort();
-            anyhow::bail!("registering endpoint {what:?}: {}", e.message());
+            anyhow::bail!("registering endpoint {name:?}: {}", e.message());
         }
     };
-    registered(&nse);
+    tracing::info!(
+        name = %nse.name,
+        services = ?nse.network_service_names,
+        url = %nse.url,
+        spiffe_id = sec.spiffe_id().as_deref().unwrap_or("(insecure)"),
+        "{what} registered and serving"
+    );
     let res = server.await;
     guard.stop().await;
     res??;
@@ -172,6 +214,28 @@ pub struct CommonArgs {
     /// requested itself).
     #[arg(long, env = "NSM_MONITOR_SCOPE", value_enum, default_value = "all")]
     pub monitor_scope: MonitorScope,
+}
+
+/// How a forwarder or an endpoint reaches the nsmgr of its node, which it
+/// registers through (upstream's env names and defaults).
+#[derive(clap::Args, Debug, Clone)]
+pub struct NsmgrArgs {
+    /// The local nsmgr: registration (and a forwarder's endpoint discovery)
+    /// go through it.
+    #[arg(
+        long,
+        env = "NSM_CONNECT_TO",
+        default_value = "unix:///var/lib/networkservicemesh/nsm.io.sock",
+        value_parser = super::grpc::parse_url
+    )]
+    pub connect_to: url::Url,
+    /// Timeout for dialing the nsmgr (and a forwarder's next hops).
+    #[arg(long, env = "NSM_DIAL_TIMEOUT", default_value = "750ms", value_parser = parse_duration)]
+    pub dial_timeout: Duration,
+    /// How often to refresh the registration when the registry sets no
+    /// expiration.
+    #[arg(long, env = "NSM_REGISTRY_REFRESH", default_value = "40s", value_parser = parse_duration)]
+    pub registry_refresh: Duration,
 }
 
 /// See [`CommonArgs::monitor_scope`].

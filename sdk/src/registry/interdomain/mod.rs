@@ -217,17 +217,24 @@ fn map_stream<T: Send + 'static>(
     }))
 }
 
+/// How [`Interdomain`] reaches the registries of other domains.
+pub struct Remotes {
+    /// Which registry serves a domain.
+    pub resolver: Arc<dyn DomainResolver>,
+    /// Dials them (mutual TLS with this registry's SVID).
+    pub pool: ChannelPool,
+    /// This registry's per-RPC tokens for them (their `authorize` needs the
+    /// forwarding hop's token under mutual TLS).
+    pub tokens: Option<SharedTokenGenerator>,
+}
+
 /// The interdomain decorator over a local NS and NSE registry; see the
 /// module docs for the routing rules.
 pub struct Interdomain {
     local_ns: Arc<dyn NsRegistry>,
     local_nse: Arc<dyn NseRegistry>,
     own_domain: Option<String>,
-    resolver: Arc<dyn DomainResolver>,
-    pool: ChannelPool,
-    /// This registry's per-RPC tokens for the registries it forwards to
-    /// (their `authorize` needs the forwarding hop's token).
-    tokens: Option<SharedTokenGenerator>,
+    remotes: Remotes,
 }
 
 impl std::fmt::Debug for Interdomain {
@@ -238,19 +245,16 @@ impl std::fmt::Debug for Interdomain {
 
 impl Interdomain {
     /// Routes calls between `local_ns`/`local_nse` and the registries of
-    /// other domains (found by `resolver`, dialed through `pool`, sending
-    /// `tokens` as per-RPC tokens: the other registries' `authorize` needs
-    /// them under mutual TLS). `own_domain` (empty = none) is handled locally.
+    /// other domains, reached as `remotes` says. `own_domain` (empty =
+    /// none) is handled locally.
     pub fn new(
         local_ns: Arc<dyn NsRegistry>,
         local_nse: Arc<dyn NseRegistry>,
         own_domain: Option<String>,
-        resolver: Arc<dyn DomainResolver>,
-        pool: ChannelPool,
-        tokens: Option<SharedTokenGenerator>,
+        remotes: Remotes,
     ) -> Arc<Interdomain> {
         let own_domain = own_domain.filter(|d| !d.is_empty());
-        Arc::new(Interdomain { local_ns, local_nse, own_domain, resolver, pool, tokens })
+        Arc::new(Interdomain { local_ns, local_nse, own_domain, remotes })
     }
 
     /// `None`: unqualified, local as is. Otherwise own domain or remote.
@@ -259,10 +263,10 @@ impl Interdomain {
         if self.own_domain.as_deref().is_some_and(|o| o.eq_ignore_ascii_case(&domain)) {
             return Ok(Some(Target { domain, remote: None }));
         }
-        match self.resolver.registry_url(&domain).await {
+        match self.remotes.resolver.registry_url(&domain).await {
             Some(url) => {
-                let mut r = RemoteRegistry::new(url, self.pool.clone());
-                if let Some(t) = &self.tokens {
+                let mut r = RemoteRegistry::new(url, self.remotes.pool.clone());
+                if let Some(t) = &self.remotes.tokens {
                     r = r.with_tokens(t.clone());
                 }
                 Ok(Some(Target { domain, remote: Some(r) }))

@@ -10,6 +10,7 @@ use tempfile::TempDir;
 use super::*;
 use crate::registry::memory::MemoryRegistry;
 use crate::registry::{NsRegistryServer, NseRegistryServer, find_ns, find_nses};
+use crate::testing::nse;
 use crate::tools::grpc::{Listeners, parse_url};
 
 /// A memory registry that counts every call reaching it.
@@ -25,37 +26,28 @@ impl Counting {
     }
 }
 
-#[async_trait]
-impl NsRegistry for Counting {
-    async fn register(&self, ctx: &Context, ns: NetworkService) -> Result<NetworkService, Status> {
-        self.hit();
-        NsRegistry::register(&self.inner, ctx, ns).await
-    }
-    async fn find(&self, ctx: &Context, q: NetworkServiceQuery) -> Result<NsStream, Status> {
-        self.hit();
-        NsRegistry::find(&self.inner, ctx, q).await
-    }
-    async fn unregister(&self, ctx: &Context, ns: NetworkService) -> Result<(), Status> {
-        self.hit();
-        NsRegistry::unregister(&self.inner, ctx, ns).await
-    }
+macro_rules! counting_for {
+    ($reg:ident, $rec:ty, $query:ty, $stream:ty) => {
+        #[async_trait]
+        impl $reg for Counting {
+            async fn register(&self, ctx: &Context, rec: $rec) -> Result<$rec, Status> {
+                self.hit();
+                $reg::register(&self.inner, ctx, rec).await
+            }
+            async fn find(&self, ctx: &Context, q: $query) -> Result<$stream, Status> {
+                self.hit();
+                $reg::find(&self.inner, ctx, q).await
+            }
+            async fn unregister(&self, ctx: &Context, rec: $rec) -> Result<(), Status> {
+                self.hit();
+                $reg::unregister(&self.inner, ctx, rec).await
+            }
+        }
+    };
 }
 
-#[async_trait]
-impl NseRegistry for Counting {
-    async fn register(&self, ctx: &Context, nse: NetworkServiceEndpoint) -> Result<NetworkServiceEndpoint, Status> {
-        self.hit();
-        NseRegistry::register(&self.inner, ctx, nse).await
-    }
-    async fn find(&self, ctx: &Context, q: NetworkServiceEndpointQuery) -> Result<NseStream, Status> {
-        self.hit();
-        NseRegistry::find(&self.inner, ctx, q).await
-    }
-    async fn unregister(&self, ctx: &Context, nse: NetworkServiceEndpoint) -> Result<(), Status> {
-        self.hit();
-        NseRegistry::unregister(&self.inner, ctx, nse).await
-    }
-}
+counting_for!(NsRegistry, NetworkService, NetworkServiceQuery, NsStream);
+counting_for!(NseRegistry, NetworkServiceEndpoint, NetworkServiceEndpointQuery, NseStream);
 
 /// Another cluster's registry, served over real gRPC on a unix socket.
 /// Dropping it stops the server.
@@ -131,14 +123,8 @@ async fn setup() -> Setup {
     let domains: StaticDomains = format!("c2={},c3={}", c2.url, c3_url).parse().unwrap();
     let resolver = Arc::new(CountingResolver { inner: domains, calls: AtomicUsize::new(0) });
     let local = MemoryRegistry::new();
-    let id = Interdomain::new(
-        Arc::new(local.clone()),
-        Arc::new(local.clone()),
-        Some("c1".into()),
-        resolver.clone(),
-        ChannelPool::new(Duration::from_secs(1)),
-        None,
-    );
+    let remotes = Remotes { resolver: resolver.clone(), pool: ChannelPool::new(Duration::from_secs(1)), tokens: None };
+    let id = Interdomain::new(Arc::new(local.clone()), Arc::new(local.clone()), Some("c1".into()), remotes);
     Setup { local, c2, c3_url, resolver, id }
 }
 
@@ -158,15 +144,6 @@ fn labels(pairs: &[(&str, &[(&str, &str)])]) -> HashMap<String, NetworkServiceLa
             (svc.to_string(), NetworkServiceLabels { labels })
         })
         .collect()
-}
-
-fn nse(name: &str, services: &[&str], url: &str) -> NetworkServiceEndpoint {
-    NetworkServiceEndpoint {
-        name: name.into(),
-        network_service_names: services.iter().map(|s| s.to_string()).collect(),
-        url: url.into(),
-        ..Default::default()
-    }
 }
 
 async fn next_nse<S>(s: &mut S) -> NetworkServiceEndpointResponse
@@ -414,24 +391,22 @@ fn static_domains_parse_and_render() {
     let u: StaticDomains = "c=unix:///run/r.sock".parse().unwrap();
     assert_eq!(u.get("c").unwrap().as_str(), "unix:///run/r.sock");
 
-    let err = |s: &str| s.parse::<StaticDomains>().unwrap_err().to_string();
-    let e = err("my.cluster2");
-    assert!(e.contains("\"my.cluster2\"") && e.contains("expected <domain>=<registry URL>"), "{e}");
-    let e = err("=tcp://1.2.3.4:5");
-    assert!(e.contains("domain name is empty"), "{e}");
-    let e = err("my cluster=tcp://1.2.3.4:5");
-    assert!(e.contains("' '") && e.contains("my cluster"), "{e}");
-    let e = err("a@b=tcp://1.2.3.4:5");
-    assert!(e.contains("'@'"), "{e}");
-    let e = err("c2=http://1.2.3.4:5");
-    assert!(e.contains("c2=http://1.2.3.4:5") && e.contains("unsupported scheme"), "{e}");
-    let e = err("c2=tcp://host");
-    assert!(e.contains("needs a port"), "{e}");
-    let e = err("c2=");
-    assert!(e.contains("\"c2=\"") && e.contains("empty"), "{e}");
-    let e = err("c2=tcp://1.2.3.4:5,C2=tcp://5.6.7.8:5");
-    assert!(e.contains("twice") && e.contains("1.2.3.4") && e.contains("5.6.7.8"), "{e}");
-    assert!(err(&format!("{}=tcp://1.2.3.4:5", "a".repeat(254))).contains("254 bytes"));
+    let long = format!("{}=tcp://1.2.3.4:5", "a".repeat(254));
+    let cases: &[(&str, &[&str])] = &[
+        ("my.cluster2", &["\"my.cluster2\"", "expected <domain>=<registry URL>"]),
+        ("=tcp://1.2.3.4:5", &["domain name is empty"]),
+        ("my cluster=tcp://1.2.3.4:5", &["' '", "my cluster"]),
+        ("a@b=tcp://1.2.3.4:5", &["'@'"]),
+        ("c2=http://1.2.3.4:5", &["c2=http://1.2.3.4:5", "unsupported scheme"]),
+        ("c2=tcp://host", &["needs a port"]),
+        ("c2=", &["\"c2=\"", "empty"]),
+        ("c2=tcp://1.2.3.4:5,C2=tcp://5.6.7.8:5", &["twice", "1.2.3.4", "5.6.7.8"]),
+        (&long, &["254 bytes"]),
+    ];
+    for (input, needles) in cases {
+        let e = input.parse::<StaticDomains>().unwrap_err().to_string();
+        assert!(needles.iter().all(|n| e.contains(n)), "{input:?}: {e}");
+    }
 }
 
 #[test]

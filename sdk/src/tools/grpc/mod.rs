@@ -56,4 +56,7 @@ pub mod url;
 pub use dial::{ClientConn, ServerPeerCell, dial, dial_connector, dial_with, source_chain};
 pub use listen::{Conn, ConnInfo, HANDSHAKE_TIMEOUT, Incoming, Io, Listeners, SocketGuard, TlsConn};
 pub use pool::ChannelPool;
-pub use url::{Error, UrlList, parse_grpc_timeout, parse_url, parse_url_list, tcp_authority, unix_path};
+pub use url::{
+    Error, OptionalUrl, UrlList, parse_grpc_timeout, parse_optional_url, parse_url, parse_url_list, tcp_authority,
+    unix_path,
+};

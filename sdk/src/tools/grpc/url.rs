@@ -71,6 +71,16 @@ pub fn parse_url_list(s: &str) -> Result<UrlList, Error> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UrlList(pub Vec<Url>);
 
+/// A URL that may be left empty (`NSM_REGISTRY_URL=` means "none", as in
+/// upstream's env handling): parsed by [`parse_optional_url`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OptionalUrl(pub Option<Url>);
+
+/// [`parse_url`], with an empty (or all-blank) value meaning no URL.
+pub fn parse_optional_url(s: &str) -> Result<OptionalUrl, Error> {
+    if s.trim().is_empty() { Ok(OptionalUrl(None)) } else { parse_url(s).map(|u| OptionalUrl(Some(u))) }
+}
+
 /// `host:port` of a tcp URL (IPv6 hosts bracketed).
 pub fn tcp_authority(u: &Url) -> Option<String> {
     let host = u.host()?;
@@ -119,6 +129,9 @@ mod tests {
             assert!(e.contains("invalid URL"), "{bad}: {e}");
         }
         assert_eq!(parse_url_list("unix:///a.sock, tcp://:5001").unwrap().0.len(), 2);
+        assert_eq!(parse_optional_url(" ").unwrap(), OptionalUrl(None));
+        assert_eq!(parse_optional_url("r:5002").unwrap().0.unwrap().as_str(), "tcp://r:5002");
+        assert!(parse_optional_url("http://r:5002").is_err());
         assert!(parse_url_list(" , ").is_err());
     }
 

@@ -222,11 +222,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::testing::netns::TestNetns;
-
-    fn own_inode() -> u64 {
-        inode_of(Path::new(THREAD_SELF_NETNS)).unwrap()
-    }
+    use crate::testing::netns::{TestNetns, own_inode};
 
     #[test]
     fn rejects_files_that_are_not_network_namespaces() {

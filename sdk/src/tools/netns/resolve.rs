@@ -231,12 +231,8 @@ pub fn all_netns() -> Vec<NetnsHandle> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::testing::netns::TestNetns;
-    use crate::tools::netns::{THREAD_SELF_NETNS, inode_of, own_netns_params};
-
-    fn own_inode() -> u64 {
-        inode_of(Path::new(THREAD_SELF_NETNS)).unwrap()
-    }
+    use crate::testing::netns::{TestNetns, own_inode};
+    use crate::tools::netns::{THREAD_SELF_NETNS, own_netns_params};
 
     #[test]
     fn resolves_own_netns_by_path_and_inode() {
