@@ -6,7 +6,7 @@
 //! - [`run`]: registers with the nsmgr as an endpoint of the `forwarder`
 //!   service and serves the forwarder chain until shutdown.
 //! - [`xconnect`]: picks the wire for a connection: [`local`] (veth pair on
-//!   one node) or [`remote`] (VXLAN/WireGuard tunnel to another node).
+//!   one node) or [`remote`](mod@remote) (VXLAN/WireGuard tunnel to another node).
 //! - [`wireguard`]: WireGuard backends (kernel, embedded userspace).
 //! - [`kernel`]: netlink operations on interfaces in other network
 //!   namespaces.

@@ -23,7 +23,8 @@
 //!   (`AlreadyExists`).
 //!
 //! # Chain placement
-//! In the forwarder chain after `discover`/`roundrobin`, before `connect`.
+//! Not in the chain itself: [`crate::xconnect`] hands it the connections
+//! whose wire is a veth pair.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! | incoming (from the nsmgr) | next hop (set by roundrobin) | wire |
 //! |---|---|---|
 //! | KERNEL (a client on this node) | `unix://` (an endpoint on this node) | veth pair ([`crate::local`]) |
-//! | KERNEL | `tcp://` (another node's nsmgr) | client end of a VXLAN/WireGuard tunnel ([`crate::remote`]) |
+//! | KERNEL | `tcp://` (another node's nsmgr) | client end of a VXLAN/WireGuard tunnel ([`crate::remote`](mod@crate::remote)) |
 //! | REMOTE (another node's forwarder) | `unix://` | endpoint end of the tunnel |
 //! | REMOTE | `tcp://` | refused: this forwarder does not relay between nodes |
 //!

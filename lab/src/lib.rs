@@ -4,11 +4,11 @@
 //! (`lab/tests/`) and, later, the benchmark rig.
 //!
 //! # Layout
-//! - [`env`]: namespaces, processes, state directory, teardown.
-//! - [`mesh`]: nodes, endpoints, clients and queries built on [`env`].
+//! - [`env`](mod@env): namespaces, processes, state directory, teardown.
+//! - [`mesh`]: nodes, endpoints, clients and queries built on [`env`](mod@env).
 //! - [`cluster`]: multi-node, multi-cluster topologies.
 //! - [`demo`]: the scenario `nsm-lab run` shows.
-//! - [`bench`]: throughput and setup latency (`nsm-lab bench`).
+//! - [`bench`](mod@bench): throughput and setup latency (`nsm-lab bench`).
 
 /// `println!` that ignores a closed stdout (`nsm-lab | head`): the lab must
 /// reach its teardown, not panic on a broken pipe.

@@ -17,8 +17,9 @@
 //! domain.
 //!
 //! # Chain placement
-//! In the nsmgr chain after `updatepath`/`begin`/`metadata`/`updatetoken`,
-//! before anything that looks names up.
+//! The first of the nsmgr's own elements (after the endpoint prefix, see the
+//! crate docs), before anything that looks names up. The prefix's `monitor`
+//! therefore publishes connections with the names the caller used.
 
 use std::sync::Arc;
 

@@ -28,7 +28,8 @@
 //! by sending the fd); until that exists it is refused.
 //!
 //! # Chain placement
-//! After `metadata`, before anything that selects or builds.
+//! After the endpoint prefix (it stores the owner in `metadata`), before
+//! anything that selects or builds.
 
 use std::sync::Arc;
 

@@ -67,11 +67,10 @@ pub const DEFAULT_VXLAN_PORT: u16 = 4789;
 /// `EADDRINUSE`.
 pub(crate) const EADDRINUSE: i32 = 98;
 
-/// What [`create_vxlan`] builds.
+/// What [`create_vxlan_in`] builds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VxlanSpec {
-    /// Interface name (at most 15 bytes): the pod's interface name for
-    /// [`create_vxlan_in`], a node-unique temporary name for [`create_vxlan`].
+    /// Interface name in the pod (at most 15 bytes).
     pub name: String,
     /// 1..=16_777_215.
     pub vni: u32,
@@ -126,7 +125,7 @@ pub fn even_vni_side(src: IpAddr, dst: IpAddr) -> bool {
 /// Always terminates: after 4096 random draws it walks every VNI of the
 /// right parity from a random start. Only if `taken` refuses all of them
 /// (8 million values) it returns a random VNI of the right parity without
-/// asking `taken`; [`create_vxlan`] then reports it as
+/// asking `taken`; [`create_vxlan_in`] then reports it as
 /// [`KernelError::VniInUse`] if the kernel has it.
 pub fn generate_vni(src: IpAddr, dst: IpAddr, taken: impl Fn(u32) -> bool) -> u32 {
     let even = even_vni_side(src, dst);

@@ -42,10 +42,10 @@
 //!   a key never serves two connections, so one leaked key exposes one wire.
 //! - Close removes the pod's interface and everything behind it.
 
-mod client;
+pub mod client;
 pub mod params;
-mod server;
-mod tunnel;
+pub mod server;
+pub mod tunnel;
 
 use std::net::IpAddr;
 use std::sync::Arc;

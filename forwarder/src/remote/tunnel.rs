@@ -1,5 +1,5 @@
 //! Building and removing one end of a tunnel: the record of what was built
-//! ([`Tunnel`]), and the device steps both ends share (VXLAN in place,
+//! (`Tunnel`), and the device steps both ends share (VXLAN in place,
 //! WireGuard create-or-update, neighbour entries for IP payload over VXLAN,
 //! teardown).
 

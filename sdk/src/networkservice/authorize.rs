@@ -40,10 +40,10 @@
 //!   until its caller closes it or its tokens expire.
 //!
 //! # Chain placement
-//! Server: after `updatepath`, `begin`, `updatetoken` (it checks the tokens
-//! `updatetoken` wrote), before `metadata`/`timeout` and everything that
-//! builds state. Client: near the end of the client chain (before the
-//! `connect`/gRPC tail), after `metadata` (refresh detection needs it).
+//! Server: in the endpoint prefix ([`super::chains`], which states the
+//! order), after `updatetoken` (it checks the tokens `updatetoken` wrote) and
+//! before everything that builds state. Client: just before the gRPC tail
+//! (the passthrough client chain there, and nsc's chain).
 
 use std::sync::Arc;
 

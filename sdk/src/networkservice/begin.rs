@@ -36,7 +36,8 @@
 //!   or re-established in the meantime.
 //!
 //! # Chain placement
-//! Right after `updatepath` (it keys on the id that `updatepath` assigns).
+//! In the endpoint prefix ([`super::chains`], which states the order), right
+//! after `updatepath`: it keys on the id `updatepath` assigns.
 //!
 //! # Failure behavior
 //! An empty connection id is `InvalidArgument`. Errors from the rest of the

@@ -10,7 +10,9 @@
 //!   resources on drop.
 //!
 //! # Chain placement
-//! After `begin` (which serialises access per id).
+//! In the endpoint prefix ([`super::chains`], which states the order), after
+//! `begin` (which serialises access per id) and after `authorize` (a refused
+//! call never reaches per-connection state).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

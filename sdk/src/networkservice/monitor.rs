@@ -16,7 +16,8 @@
 //!   dead subscriber (upstream leaked here, Meridio#545).
 //!
 //! # Chain placement
-//! After `begin`/`metadata`, before the elements that build the connection.
+//! In the endpoint prefix ([`super::chains`], which states the order), before
+//! the daemon's own elements that build the connection.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -66,7 +67,7 @@ impl MonitorServer {
     }
 
     /// A monitor whose subscribers see only what `authz` allows them
-    /// (e.g. [`super::authorize::AuthorizeServer::monitor`]: their own
+    /// (e.g. [`super::authorize::AuthorizeMonitor::own`]: their own
     /// connections).
     pub fn with_authorize(authz: AuthorizeMonitor) -> MonitorServer {
         let (tx, _) = broadcast::channel(BACKLOG);

@@ -10,7 +10,9 @@
 //!   gets `default_lifetime` from now, instead of upstream's error.
 //!
 //! # Chain placement
-//! After `begin`, `metadata` and `updatetoken`.
+//! In the endpoint prefix ([`super::chains`], which states the order), after
+//! `begin` (its events), `updatetoken` (the expiry it reads) and `metadata`
+//! (its timer is stored there).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

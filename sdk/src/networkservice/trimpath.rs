@@ -5,8 +5,8 @@
 //! hop is a passthrough and the downstream segments are real).
 //!
 //! # Chain placement
-//! Server element after `monitor`; client element in the client chain of a
-//! passthrough's `connect`.
+//! The server element is last in the endpoint prefix ([`super::chains`]);
+//! the client element is in the passthrough client chain there.
 
 use std::sync::Arc;
 

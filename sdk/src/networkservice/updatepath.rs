@@ -14,7 +14,8 @@
 //! returns the connection as its caller knows it.
 //!
 //! # Chain placement
-//! First in every server and client chain.
+//! First in every server chain (the endpoint prefix, [`super::chains`]) and
+//! every client chain.
 
 use std::sync::Arc;
 

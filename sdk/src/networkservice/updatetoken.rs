@@ -10,8 +10,8 @@
 //!   refresh re-mints it.
 //!
 //! # Chain placement
-//! After `begin`, before `authorize` and `timeout` (both read what it
-//! writes).
+//! In the endpoint prefix ([`super::chains`], which states the order), before
+//! `authorize` and `timeout`: both read what it writes.
 
 use std::sync::Arc;
 

@@ -3,7 +3,7 @@
 //!   `host:port`) and the `grpc-timeout` header;
 //! - [`listen`]: listeners on unix and TCP sockets behind one server, with
 //!   mutual TLS and the caller's credentials;
-//! - [`dial`]: dialing with a fast, precise failure;
+//! - [`dial`](mod@dial): dialing with a fast, precise failure;
 //! - [`pool`]: the per-component channel pool.
 
 /// `AsyncRead`/`AsyncWrite` for an enum whose variants each wrap a stream

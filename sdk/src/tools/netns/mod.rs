@@ -15,13 +15,13 @@
 //!   then exits. A netlink socket is bound to the namespace of the thread that
 //!   *created* it, so the socket made on that thread keeps acting in the
 //!   target namespace after the thread is gone.
-//! - [`resolve`] never returns a namespace it could not positively match:
+//! - [`resolve()`] never returns a namespace it could not positively match:
 //!   when the client sends `netnsInode`, the namespace returned has exactly
 //!   that inode (re-checked with `fstat` on the opened descriptor), and a
 //!   path whose inode does not match (a pid from another PID namespace, a
 //!   reused pid) is not used.
 //!
-//! # Parameters understood by [`resolve`]
+//! # Parameters understood by [`resolve()`]
 //! - `inodeURL`: `file:///proc/<pid>/ns/net`, `file:///proc/<pid>/task/<tid>/ns/net`,
 //!   `file:///run/netns/<name>`, `file:///var/run/netns/<name>` (or the same
 //!   as a bare absolute path), or the grpcfd in-transit form

@@ -78,7 +78,7 @@ fn parse_inode(value: &str) -> Result<u64, NetnsError> {
 ///    search of step 2 runs instead.
 /// 2. With an inode (from `netns_inode` or `inode://<dev>/<ino>`), the named
 ///    namespaces under /run/netns and /var/run/netns and then every
-///    /proc/<pid>/ns/net are searched; the first match is opened and its
+///    `/proc/<pid>/ns/net` are searched; the first match is opened and its
 ///    inode re-checked on the open descriptor.
 /// 3. `/proc/self/...` or `/proc/thread-self/...` alone is an error: the
 ///    client must send `netnsInode`.
