@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then echo "test: run as root (namespace tests create netns and interfaces)" >&2; exit 1; fi
 scripts/setup.sh
+# The real Kubernetes API server (kube-apiserver, etcd, kubectl) the
+# Kubernetes tests start; built from pinned Go modules on first use, cached.
+NSM_KUBE_BIN_DIR=$(scripts/peers.sh kube | tail -n 1)
+export NSM_KUBE_BIN_DIR
 before=$(ip netns list 2>/dev/null | awk '{print $1}' | sort)
 # The integration tests run the workspace binaries, so build them first.
 cargo build --workspace --bins

@@ -29,6 +29,9 @@ use serde::{Deserialize, Serialize};
 /// Root of all lab state directories.
 pub const STATE_ROOT: &str = "/run/nsm-lab";
 
+/// The `netns` of [`Lab::spawn`] that means "the lab's own namespace".
+pub const HOST_NETNS: &str = "-";
+
 /// A daemon started by the lab.
 pub struct Proc {
     pub name: String,
@@ -207,7 +210,10 @@ impl Lab {
     }
 
     /// Starts a daemon in `netns` with exactly `env` (plus PATH); its output
-    /// goes to `<dir>/<name>.log`.
+    /// goes to `<dir>/<name>.log`. [`HOST_NETNS`] runs it in the lab's own
+    /// network namespace (for daemons that talk to servers on the host's
+    /// loopback, such as a test's Kubernetes API server; they serve the lab
+    /// on unix sockets, which every namespace reaches).
     pub fn spawn(&mut self, name: &str, netns: &str, bin: &str, env: &[(&str, String)]) -> anyhow::Result<()> {
         self.spawn_args(name, netns, bin, &[], env)
     }
@@ -240,14 +246,15 @@ impl Lab {
         // is the daemon's. Attached daemons die with the lab (pdeathsig);
         // detached ones get their own session and outlive it.
         let mut cmd = if self.detach {
-            let mut c = Command::new("setsid");
-            c.args(["ip", "netns", "exec", netns]);
-            c
+            Command::new("setsid")
         } else {
             let mut c = Command::new("setpriv");
-            c.args(["--pdeathsig", "KILL", "ip", "netns", "exec", netns]);
+            c.args(["--pdeathsig", "KILL"]);
             c
         };
+        if netns != HOST_NETNS {
+            cmd.args(["ip", "netns", "exec", netns]);
+        }
         cmd.arg(self.bin(bin))
             .args(args)
             .env_clear()

@@ -46,6 +46,11 @@ pub enum RegistryAt {
     Here { listen: Url, domains: String },
     /// Use the registry at this URL.
     There(Url),
+    /// Start `nsm-registry-k8s` for this node, keeping the records in the
+    /// Kubernetes API server of `kubeconfig` (namespace `namespace`). It
+    /// runs in the lab's own network namespace (the API server is on its
+    /// loopback) and serves the node on a unix socket.
+    Kubernetes { kubeconfig: PathBuf, namespace: String },
 }
 
 /// How to start one node's daemons.
@@ -77,6 +82,10 @@ pub struct NodeOpts {
     /// Lifetime of the SVIDs the lab's Workload API issues (rotated at
     /// half of it).
     pub svid_ttl: String,
+    /// Where [`start_node`]'s nsmgr finds its registry. Default: a
+    /// memory registry of its own ([`RegistryAt::Here`] on
+    /// `tcp://127.0.0.1:5002` in the node).
+    pub registry: Option<RegistryAt>,
 }
 
 impl Default for NodeOpts {
@@ -89,6 +98,7 @@ impl Default for NodeOpts {
             nsmgr_env: vec![],
             insecure: false,
             svid_ttl: "1h".into(),
+            registry: None,
         }
     }
 }
@@ -140,13 +150,11 @@ pub async fn start_node(lab: &mut Lab, name: &str, opts: &NodeOpts) -> anyhow::R
         spire::ensure(lab, 1, &opts.svid_ttl).await?;
     }
     let netns = lab.add_netns(name)?;
-    let spec = NodeSpec {
-        name: name.to_string(),
-        ip: None,
-        registry: RegistryAt::Here { listen: parse_url("tcp://127.0.0.1:5002")?, domains: String::new() },
-        domain: String::new(),
-        cluster: String::new(),
+    let registry = match &opts.registry {
+        Some(r) => r.clone(),
+        None => RegistryAt::Here { listen: parse_url("tcp://127.0.0.1:5002")?, domains: String::new() },
     };
+    let spec = NodeSpec { name: name.to_string(), ip: None, registry, domain: String::new(), cluster: String::new() };
     start_node_in(lab, &netns, &spec, opts).await
 }
 
@@ -158,6 +166,7 @@ pub async fn start_node_in(lab: &mut Lab, netns: &str, spec: &NodeSpec, opts: &N
     let registry_url = match &spec.registry {
         RegistryAt::Here { listen, .. } => listen.clone(),
         RegistryAt::There(u) => u.clone(),
+        RegistryAt::Kubernetes { .. } => sock(lab, &format!("{name}/registry.sock"))?,
     };
     let node = Node {
         name: name.to_string(),
@@ -187,6 +196,9 @@ pub async fn start_node_in(lab: &mut Lab, netns: &str, spec: &NodeSpec, opts: &N
         env.extend(id_env.iter().cloned());
         lab.spawn(&format!("registry-{name}"), netns, "nsm-registry", &env)?;
     }
+    if let RegistryAt::Kubernetes { kubeconfig, namespace } = &spec.registry {
+        start_k8s_registry(lab, &node, kubeconfig, namespace, opts).await?;
+    }
     let tcp = match spec.ip {
         Some(ip) => format!("tcp://{ip}:5001"),
         None => "tcp://127.0.0.1:5001".to_string(),
@@ -207,6 +219,40 @@ pub async fn start_node_in(lab: &mut Lab, netns: &str, spec: &NodeSpec, opts: &N
     lab.spawn(&node.nsmgr_name, netns, "nsmgr", &env)?;
     start_forwarder(lab, &node, opts).await?;
     Ok(node)
+}
+
+/// Starts (or restarts) the `nsm-registry-k8s` of `node` (see
+/// [`RegistryAt::Kubernetes`]) and waits until it serves.
+pub async fn start_k8s_registry(
+    lab: &mut Lab,
+    node: &Node,
+    kubeconfig: &std::path::Path,
+    namespace: &str,
+    opts: &NodeOpts,
+) -> anyhow::Result<()> {
+    let name = format!("registry-{}", node.name);
+    let _ = std::fs::remove_file(node.registry_url.path());
+    std::fs::create_dir_all(lab.dir().join(&node.name))?;
+    let mut env = vec![
+        ("NSM_LISTEN_ON", node.registry_url.to_string()),
+        ("NSM_KUBECONFIG", kubeconfig.display().to_string()),
+        ("NSM_NAMESPACE", namespace.to_string()),
+        ("NSM_EXPIRE_PERIOD", opts.expire_period.clone()),
+        ("NSM_LOG_LEVEL", opts.log_level.clone()),
+    ];
+    env.extend(spire::env(lab, node.cluster));
+    lab.spawn(&name, crate::env::HOST_NETNS, "nsm-registry-k8s", &env)?;
+    let t0 = Instant::now();
+    while !std::path::Path::new(node.registry_url.path()).exists() {
+        if !lab.running(&name) {
+            bail!("{name} exited during start-up:\n{}", lab.log_tail(&name, 15));
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("{name} did not serve within 20 s:\n{}", lab.log_tail(&name, 15));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 /// Starts (or restarts) the node's forwarder and waits until it is

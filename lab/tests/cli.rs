@@ -14,6 +14,7 @@ const BINARIES: &[(&str, &[&str])] = &[
     ("nse-icmp-responder", &["NSM_SERVICE_NAMES", "NSM_CIDR_PREFIX", "NSM_PAYLOAD", "NSM_LABELS"]),
     ("nsc", &["NSM_NETWORK_SERVICES", "NSM_CONNECT_TO", "NSM_REQUEST_TIMEOUT"]),
     ("nsm-registry", &["NSM_LISTEN_ON", "NSM_EXPIRE_PERIOD", "NSM_DOMAIN_REGISTRIES"]),
+    ("nsm-registry-k8s", &["NSM_LISTEN_ON", "NSM_NAMESPACE", "NSM_KUBECONFIG", "NSM_EXPIRE_PERIOD"]),
     ("nsm-spiffe-dev", &["SPIFFE_DEV_LISTEN_ON"]),
     ("nsm-lab", &[]),
 ];

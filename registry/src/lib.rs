@@ -35,6 +35,21 @@ use url::Url;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "nsm-registry", version, about = "NSM registry (in-memory store)")]
 pub struct Config {
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+impl daemon::DaemonConfig for Config {
+    const PROG: &'static str = "nsm-registry";
+    fn serving(&self) -> (&daemon::CommonArgs, Duration, Vec<Url>) {
+        self.registry.serving()
+    }
+}
+
+/// What every registry daemon takes, whatever stores its records
+/// (this crate's memory, or the Kubernetes API in `nsm-registry-k8s`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct RegistryArgs {
     /// Where to serve, comma-separated `tcp://host:port` / `unix:///path`.
     #[arg(long, env = "NSM_LISTEN_ON", default_value = "tcp://:5002", value_parser = parse_url_list)]
     pub listen_on: UrlList,
@@ -63,11 +78,19 @@ pub struct Config {
     pub common: daemon::CommonArgs,
 }
 
-impl daemon::DaemonConfig for Config {
-    const PROG: &'static str = "nsm-registry";
-    fn serving(&self) -> (&daemon::CommonArgs, Duration, Vec<Url>) {
+impl RegistryArgs {
+    /// What `serve_main` needs.
+    pub fn serving(&self) -> (&daemon::CommonArgs, Duration, Vec<Url>) {
         (&self.common, self.max_token_lifetime, self.listen_on.0.clone())
     }
+}
+
+/// Where a registry daemon keeps its records.
+pub struct Stores {
+    pub ns: Arc<dyn NsRegistry>,
+    pub nse: Arc<dyn NseRegistry>,
+    /// A name for logs (`in-memory`, `Kubernetes namespace nsm-system`).
+    pub what: String,
 }
 
 /// `NSM_DOMAIN`: empty, or a valid domain name.
@@ -85,22 +108,37 @@ pub fn parse_domain_registries(s: &str) -> Result<StaticDomains, String> {
     s.parse().map_err(|e: nsm_sdk::registry::interdomain::DomainsError| e.to_string())
 }
 
-/// Serves the registry on `listeners` until `shutdown` resolves.
+/// Serves the in-memory registry on `listeners` until `shutdown` resolves.
 pub async fn run(cfg: Config, sec: Security, listeners: Listeners, shutdown: daemon::Shutdown) -> anyhow::Result<()> {
     let store = MemoryRegistry::new();
-    let local_nse = Expire::new(Arc::new(store.clone()), cfg.expire_period);
-    let own_domain = (!cfg.domain.is_empty()).then(|| cfg.domain.clone());
+    let stores = Stores { ns: Arc::new(store.clone()), nse: Arc::new(store), what: "in-memory".into() };
+    serve(cfg.registry, stores, sec, listeners, shutdown).await
+}
+
+/// Serves `stores` as a registry on `listeners` until `shutdown`: endpoint
+/// registrations capped at `NSM_EXPIRE_PERIOD`, calls about other domains
+/// forwarded (see the crate docs), registry path, tokens and policies on
+/// every call.
+pub async fn serve(
+    args: RegistryArgs,
+    stores: Stores,
+    sec: Security,
+    listeners: Listeners,
+    shutdown: daemon::Shutdown,
+) -> anyhow::Result<()> {
+    let local_nse = Expire::new(stores.nse, args.expire_period);
+    let own_domain = (!args.domain.is_empty()).then(|| args.domain.clone());
     tracing::info!(
         own_domain = own_domain.as_deref().unwrap_or("(none)"),
-        domain_registries = %cfg.domain_registries,
+        domain_registries = %args.domain_registries,
         "interdomain routing"
     );
     let remotes = Remotes {
-        resolver: Arc::new(cfg.domain_registries),
-        pool: sec.pool(cfg.dial_timeout),
+        resolver: Arc::new(args.domain_registries),
+        pool: sec.pool(args.dial_timeout),
         tokens: Some(sec.tokens.clone()),
     };
-    let registry = Interdomain::new(Arc::new(store), local_nse, own_domain, remotes);
+    let registry = Interdomain::new(stores.ns, local_nse, own_domain, remotes);
     // Registry path and tokens, then first-registrant ownership and the
     // policies (nsm-spec §2.6), then routing and storage.
     let ns: Arc<dyn NsRegistry> =
@@ -117,6 +155,7 @@ pub async fn run(cfg: Config, sec: Security, listeners: Listeners, shutdown: dae
         .add_service(NseRegistryServer(nse).into_service());
     tracing::info!(
         listen_on = ?listeners.urls().iter().map(Url::as_str).collect::<Vec<_>>(),
+        store = %stores.what,
         spiffe_id = sec.spiffe_id().as_deref().unwrap_or("(insecure)"),
         "registry serving"
     );
@@ -132,7 +171,7 @@ mod config_tests {
 
     #[test]
     fn domain_options_parse_and_reject_with_clear_errors() {
-        let c = Config::try_parse_from(["nsm-registry"]).unwrap();
+        let c = Config::try_parse_from(["nsm-registry"]).unwrap().registry;
         assert!(c.domain.is_empty() && c.domain_registries.is_empty(), "defaults: no interdomain");
         let c = Config::try_parse_from([
             "nsm-registry",
@@ -141,7 +180,8 @@ mod config_tests {
             "--domain-registries",
             "my.cluster2=tcp://10.2.0.1:5002,my.cluster3=10.3.0.1:5002",
         ])
-        .unwrap();
+        .unwrap()
+        .registry;
         assert_eq!(c.domain, "my.cluster1");
         assert_eq!(c.domain_registries.get("my.cluster3").unwrap().as_str(), "tcp://10.3.0.1:5002");
 

@@ -84,10 +84,12 @@ pub fn nse_matches(query: &NetworkServiceEndpoint, nse: &NetworkServiceEndpoint)
         && (query.url.is_empty() || nse.url.contains(&query.url))
 }
 
-#[derive(Clone)]
-struct Event<T> {
-    obj: T,
-    deleted: bool,
+/// A change of a stored object, as watchers get it.
+#[derive(Clone, Debug)]
+pub struct Event<T> {
+    pub obj: T,
+    /// The object was removed (unregistered or expired).
+    pub deleted: bool,
 }
 
 struct NseEntry {
@@ -215,8 +217,11 @@ impl MemoryRegistry {
     }
 }
 
-/// Turns a snapshot plus a subscription into a Find stream.
-fn watch_stream<T, R>(
+/// Turns a snapshot plus a subscription into a Find stream: the snapshot,
+/// then (with `rx`) every event that passes `filter`, wrapped by `wrap`.
+/// A subscriber that lags behind the channel gets one `ResourceExhausted`
+/// and its stream ends. Shared with the other stores (Kubernetes).
+pub fn watch_stream<T, R>(
     what: &'static str,
     snapshot: Vec<T>,
     rx: Option<broadcast::Receiver<Event<T>>>,
@@ -249,11 +254,13 @@ where
     Box::pin(head.chain(tail))
 }
 
-fn ns_response(ns: NetworkService, deleted: bool) -> NetworkServiceResponse {
+/// A Find item for `ns`.
+pub fn ns_response(ns: NetworkService, deleted: bool) -> NetworkServiceResponse {
     NetworkServiceResponse { network_service: Some(ns), deleted }
 }
 
-fn nse_response(nse: NetworkServiceEndpoint, deleted: bool) -> NetworkServiceEndpointResponse {
+/// A Find item for `nse`.
+pub fn nse_response(nse: NetworkServiceEndpoint, deleted: bool) -> NetworkServiceEndpointResponse {
     NetworkServiceEndpointResponse { network_service_endpoint: Some(nse), deleted }
 }
 

@@ -115,12 +115,14 @@ impl Listeners {
     /// [`HANDSHAKE_TIMEOUT`]) so a slow or failing peer never blocks
     /// accepting, and a failed handshake is logged with what is known of
     /// the peer and dropped.
-    pub fn into_incoming_with(self, tls: Option<Arc<Tls>>) -> (Incoming, SocketGuard) {
+    pub fn into_incoming_with(mut self, tls: Option<Arc<Tls>>) -> (Incoming, SocketGuard) {
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Conn>>(128);
         let (raw_tx, mut raw_rx) = tokio::sync::mpsc::channel::<std::io::Result<Io>>(128);
         let mut tasks = vec![];
-        let paths = self.unix.iter().map(|(_, p)| p.clone()).collect();
-        for (ln, _) in self.unix {
+        // From here the guard owns the socket files (see Drop below).
+        let unix = std::mem::take(&mut self.unix);
+        let paths = unix.iter().map(|(_, p)| p.clone()).collect();
+        for (ln, _) in unix {
             let tx = raw_tx.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
@@ -131,7 +133,7 @@ impl Listeners {
                 }
             }));
         }
-        for ln in self.tcp {
+        for ln in std::mem::take(&mut self.tcp) {
             let tx = raw_tx.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
@@ -270,6 +272,16 @@ impl Stream for Incoming {
     }
 }
 
+/// Listeners never served (a daemon that failed after binding) remove
+/// their unix socket files too.
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        for (_, p) in &self.unix {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Stops accepting and removes the unix socket files on drop.
 pub struct SocketGuard {
     paths: Vec<PathBuf>,
@@ -291,6 +303,16 @@ impl Drop for SocketGuard {
 mod tests {
     use super::*;
     use crate::tools::grpc::parse_url;
+
+    #[tokio::test]
+    async fn listeners_dropped_unserved_remove_their_socket_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sock");
+        let l = Listeners::bind(&[parse_url(&format!("unix://{}", path.display())).unwrap()]).await.unwrap();
+        assert!(path.exists());
+        drop(l);
+        assert!(!path.exists(), "a daemon that failed after binding leaves no socket");
+    }
 
     #[test]
     fn a_not_ready_peer_is_told_apart_from_a_refusal() {
