@@ -74,6 +74,10 @@ pub struct Config {
     /// forwarders by them.
     #[arg(long, env = "NSM_LABELS", default_value = "p2p:true", value_parser = parse_labels)]
     pub labels: HashMap<String, String>,
+    /// Labels `nodeName`/`podName`/`clusterName` from the downward API,
+    /// added to this component's registration (its `NSM_LABELS` win).
+    #[command(flatten)]
+    pub pod: nsm_sdk::tools::daemon::PodInfoArgs,
     /// Network service under which this forwarder registers.
     #[arg(long, env = "NSM_NSNAME", default_value = "forwarder")]
     pub service_name: String,
@@ -244,7 +248,9 @@ pub async fn run(cfg: Config, sec: Security, listeners: Listeners, shutdown: dae
     let registry = RemoteRegistry::new(cfg.nsmgr.connect_to.clone(), sec.pool(cfg.nsmgr.dial_timeout))
         .with_tokens(sec.tokens.clone());
     let services = std::slice::from_ref(&cfg.service_name);
-    let me = endpoint_record(&cfg.name, services, &cfg.labels, &url);
+    let mut labels = cfg.labels.clone();
+    cfg.pod.add_to(&mut labels);
+    let me = endpoint_record(&cfg.name, services, &labels, &url);
     // Keep trying to register: the nsmgr may start after us.
     tracing::info!(nsmgr = %cfg.nsmgr.connect_to, "registering with the nsmgr");
     let reg =

@@ -64,3 +64,29 @@ fn a_kubeconfig_that_cannot_be_read_is_named_and_no_socket_is_left() {
     assert!(err.contains("cannot read the kubeconfig") && err.contains("missing-kubeconfig"), "{err}");
     assert!(!sock.exists(), "socket left behind");
 }
+
+#[test]
+fn the_webhook_refuses_a_configuration_it_cannot_use_naming_the_setting() {
+    let run = |env: &[(&str, &str)]| {
+        let mut c = Command::new(bin("nsm-admission-webhook"));
+        c.env_clear().env("NSM_LISTEN_ON", "tcp://127.0.0.1:0");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let o = c.output().unwrap();
+        (o.status.code(), output_text(&o))
+    };
+    let image = ("NSM_CONTAINER_IMAGES", "ghcr.io/nsm-rs/nsc:v1");
+    for (env, says) in [
+        (vec![], "NSM_INIT_CONTAINER_IMAGES"),
+        (vec![image, ("NSM_WEBHOOK_MODE", "spire")], "NSM_WEBHOOK_MODE=spire"),
+        (vec![image, ("NSM_SIDECAR_LIMITS_CPU", "lots")], "NSM_SIDECAR_LIMITS_CPU"),
+        (vec![image, ("NSM_WEBHOOK_URL", "http://127.0.0.1:9443/mutate")], "https only"),
+        (vec![image, ("NSM_ENVS", "NSM_LOG_LEVEL")], "NAME=value"),
+        (vec![image, ("NSM_LABELS", "novalue")], "novalue"),
+    ] {
+        let (code, text) = run(&env);
+        assert_eq!(code, Some(64), "{env:?}: {text}");
+        assert!(text.contains(says), "{env:?} should name {says}: {text}");
+    }
+}

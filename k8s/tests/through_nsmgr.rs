@@ -55,6 +55,13 @@ async fn a_node_registers_finds_and_connects_through_the_kubernetes_registry() {
         start_nse(&mut lab, &node, name, "icmp-responder", cidr, &env).await.unwrap();
     }
     assert_eq!(nse_names(&k), ["forwarder-node1", "nse1", "nse2"]);
+    // The forwarder labels itself from its downward-API env.
+    let labels = output_text(&k.kubectl(
+        &["get", "nse", "-n", NS, "forwarder-node1", "-o", "jsonpath={.spec.network_service_labels.forwarder.labels}"],
+        "",
+    ));
+    let labels: serde_json::Value = serde_json::from_str(&labels).unwrap();
+    assert_eq!((labels["nodeName"].as_str(), labels["podName"].as_str()), (Some("node1"), Some("forwarder-node1")));
     // The nsmgr registered the endpoints with its own URL, as upstream.
     let url = output_text(&k.kubectl(&["get", "nse", "-n", NS, "nse1", "-o", "jsonpath={.spec.url}"], ""));
     assert!(url.starts_with("tcp://127.0.0.1:5001"), "{url}");

@@ -264,6 +264,9 @@ pub async fn start_forwarder(lab: &mut Lab, node: &Node, opts: &NodeOpts) -> any
         ("NSM_CONNECT_TO", node.nsmgr_url.to_string()),
         ("NSM_MAX_TOKEN_LIFETIME", opts.max_token_lifetime.clone()),
         ("NSM_LOG_LEVEL", opts.log_level.clone()),
+        // The downward API of the forwarder's pod.
+        ("NODE_NAME", node.name.clone()),
+        ("POD_NAME", node.forwarder_name.clone()),
     ];
     if let Some(ip) = node.ip {
         env.push(("NSM_TUNNEL_IP", ip.to_string()));

@@ -15,6 +15,17 @@ const BINARIES: &[(&str, &[&str])] = &[
     ("nsc", &["NSM_NETWORK_SERVICES", "NSM_CONNECT_TO", "NSM_REQUEST_TIMEOUT"]),
     ("nsm-registry", &["NSM_LISTEN_ON", "NSM_EXPIRE_PERIOD", "NSM_DOMAIN_REGISTRIES"]),
     ("nsm-registry-k8s", &["NSM_LISTEN_ON", "NSM_NAMESPACE", "NSM_KUBECONFIG", "NSM_EXPIRE_PERIOD"]),
+    (
+        "nsm-admission-webhook",
+        &[
+            "NSM_ANNOTATION",
+            "NSM_INIT_CONTAINER_IMAGES",
+            "NSM_CONTAINER_IMAGES",
+            "NSM_LABELS",
+            "NSM_ENVS",
+            "NSM_NAMESPACE",
+        ],
+    ),
     ("nsm-spiffe-dev", &["SPIFFE_DEV_LISTEN_ON"]),
     ("nsm-lab", &[]),
 ];

@@ -26,7 +26,6 @@ use nsm_api::connection::{Connection, MonitorScopeSelector, PathSegment};
 use nsm_api::mechanisms::kernel;
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_sdk::networkservice::authorize::AuthorizeClient;
-use nsm_sdk::networkservice::clientinfo::ClientInfo;
 use nsm_sdk::networkservice::connect::GrpcClient;
 use nsm_sdk::networkservice::kernel::KernelClient;
 use nsm_sdk::networkservice::updatepath::UpdatePath;
@@ -95,15 +94,10 @@ pub struct Config {
     /// Summary format on stdout.
     #[arg(long, env = "NSM_OUTPUT", value_enum, default_value = "text")]
     pub output: Output,
-    /// Pod name (label `podName`).
-    #[arg(long, env = "POD_NAME", default_value = "")]
-    pub pod_name: String,
-    /// Node name (label `nodeName`).
-    #[arg(long, env = "NODE_NAME", default_value = "")]
-    pub node_name: String,
-    /// Cluster name (label `clusterName`).
-    #[arg(long, env = "CLUSTER_NAME", default_value = "")]
-    pub cluster_name: String,
+    /// Labels `nodeName`/`podName`/`clusterName` (downward API), added to
+    /// connections and to the endpoints registered through this component.
+    #[command(flatten)]
+    pub pod: nsm_sdk::tools::daemon::PodInfoArgs,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -198,7 +192,7 @@ impl Client {
         let pool = sec.pool(cfg.dial_timeout);
         let chain = Chain::new(vec![
             UpdatePath::new(&cfg.name),
-            ClientInfo::new(&cfg.node_name, &cfg.pod_name, &cfg.cluster_name),
+            cfg.pod.client_info(),
             std::sync::Arc::new(KernelClient),
             // The tokens the nsmgr returned: valid, unexpired, chained, and
             // the nsmgr's signed by its certificate.

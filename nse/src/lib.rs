@@ -58,6 +58,10 @@ pub struct Config {
     /// destination selectors.
     #[arg(long, env = "NSM_LABELS", default_value = "", value_parser = parse_labels)]
     pub labels: HashMap<String, String>,
+    /// Labels `nodeName`/`podName`/`clusterName` from the downward API,
+    /// added to this component's registration (its `NSM_LABELS` win).
+    #[command(flatten)]
+    pub pod: nsm_sdk::tools::daemon::PodInfoArgs,
     /// Address pools for point-to-point IPAM (comma-separated CIDRs).
     #[arg(long, env = "NSM_CIDR_PREFIX", default_value = "169.254.0.0/16", value_delimiter = ',')]
     pub cidr_prefix: Vec<IpNetwork>,
@@ -118,7 +122,9 @@ pub async fn run(cfg: Config, sec: Security, listeners: Listeners, shutdown: dae
     let registry = RemoteRegistry::new(cfg.nsmgr.connect_to.clone(), sec.pool(cfg.nsmgr.dial_timeout))
         .with_tokens(sec.tokens.clone());
     let _ns_refresh = if cfg.register_service { Some(register_services(&registry, &cfg).await?) } else { None };
-    let me = endpoint_record(&cfg.name, &cfg.service_names, &cfg.labels, &url);
+    let mut labels = cfg.labels.clone();
+    cfg.pod.add_to(&mut labels);
+    let me = endpoint_record(&cfg.name, &cfg.service_names, &labels, &url);
     tracing::info!(cidr = ?cfg.cidr_prefix.iter().map(|c| c.to_string()).collect::<Vec<_>>(), "point-to-point IPAM");
     let reg =
         Registration { registry: Arc::new(registry), endpoint: me, refresh: cfg.nsmgr.registry_refresh, first: Fail };

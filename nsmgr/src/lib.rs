@@ -31,7 +31,6 @@ use std::time::Duration;
 use clap::Parser;
 use nsm_api::service_names;
 use nsm_sdk::networkservice::chains::{Endpoint, passthrough_client};
-use nsm_sdk::networkservice::clientinfo::{ClientInfo, info_labels};
 use nsm_sdk::networkservice::connect::Connect;
 use nsm_sdk::registry::authorize::{Authorize as RegAuthorize, UpdatePath as RegUpdatePath};
 use nsm_sdk::registry::memory::MemoryRegistry;
@@ -83,15 +82,10 @@ pub struct Config {
     /// their last refresh.
     #[arg(long, env = "NSM_EXPIRE_PERIOD", default_value = "1m", value_parser = parse_duration)]
     pub expire_period: Duration,
-    /// Node name, added as label `nodeName` to connections and endpoints.
-    #[arg(long, env = "NODE_NAME", default_value = "")]
-    pub node_name: String,
-    /// Pod name (label `podName`).
-    #[arg(long, env = "POD_NAME", default_value = "")]
-    pub pod_name: String,
-    /// Cluster name (label `clusterName`).
-    #[arg(long, env = "CLUSTER_NAME", default_value = "")]
-    pub cluster_name: String,
+    /// Labels `nodeName`/`podName`/`clusterName` (downward API), added to
+    /// connections and to the endpoints registered through this component.
+    #[command(flatten)]
+    pub pod: nsm_sdk::tools::daemon::PodInfoArgs,
     /// This cluster's domain (e.g. `my.cluster2`): requests from other
     /// clusters name services `svc@<domain>`; the nsmgr serves them as `svc`.
     #[arg(long, env = "NSM_DOMAIN", default_value = "")]
@@ -177,7 +171,7 @@ pub fn chain(
             // A client may only ask for interfaces in its own netns.
             netnsowner::NetnsOwner::new(cfg.client_netns_check),
             // nodeName/podName/clusterName labels for `matches`.
-            ClientInfo::new(&cfg.node_name, &cfg.pod_name, &cfg.cluster_name),
+            cfg.pod.client_info(),
             // Check the service exists; pick a forwarder of this node.
             discoverforwarder::DiscoverForwarder::new(ns_reg, relay, &cfg.forwarder_service, public.as_str()),
             // Hand over to the forwarder.
@@ -189,7 +183,7 @@ pub fn chain(
 /// Assembles the chains and services.
 pub async fn router(cfg: &Config, sec: &Security, public: &Url) -> tonic::transport::server::Router {
     let (ns_reg, nse_store) = registries(cfg, sec);
-    let labels: BTreeMap<String, String> = info_labels(&cfg.node_name, &cfg.pod_name, &cfg.cluster_name);
+    let labels: BTreeMap<String, String> = cfg.pod.labels();
     let relay = registry::NseRelay::new(nse_store, public.as_str(), labels, cfg.expire_period);
     let ep = chain(cfg, sec, public, ns_reg.clone(), relay.clone());
     tracing::debug!(chain = ?ep.chain, "nsmgr chain");

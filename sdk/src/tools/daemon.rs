@@ -216,6 +216,42 @@ pub struct CommonArgs {
     pub monitor_scope: MonitorScope,
 }
 
+/// Where this component runs, from the downward API (upstream's
+/// `clientinfo`): the labels `nodeName`, `podName` and `clusterName` of the
+/// connections it requests and of the endpoints it registers (empty values
+/// are left out).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct PodInfoArgs {
+    /// Node name (label `nodeName`; `spec.nodeName` in a pod).
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node_name: String,
+    /// Pod name (label `podName`; `metadata.name`).
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pub pod_name: String,
+    /// Cluster name (label `clusterName`).
+    #[arg(long, env = "CLUSTER_NAME", default_value = "")]
+    pub cluster_name: String,
+}
+
+impl PodInfoArgs {
+    /// The labels (see the type docs).
+    pub fn labels(&self) -> std::collections::BTreeMap<String, String> {
+        crate::networkservice::clientinfo::info_labels(&self.node_name, &self.pod_name, &self.cluster_name)
+    }
+
+    /// The `clientinfo` chain element adding them to requests.
+    pub fn client_info(&self) -> std::sync::Arc<crate::networkservice::clientinfo::ClientInfo> {
+        crate::networkservice::clientinfo::ClientInfo::new(&self.node_name, &self.pod_name, &self.cluster_name)
+    }
+
+    /// `labels` with these added where they are not set already.
+    pub fn add_to(&self, labels: &mut std::collections::HashMap<String, String>) {
+        for (k, v) in self.labels() {
+            labels.entry(k).or_insert(v);
+        }
+    }
+}
+
 /// How a forwarder or an endpoint reaches the nsmgr of its node, which it
 /// registers through (upstream's env names and defaults).
 #[derive(clap::Args, Debug, Clone)]

@@ -9,7 +9,7 @@
 
 /// Crates whose level `NSM_LOG_LEVEL` controls.
 const OUR_CRATES: &[&str] =
-    &["nsm_sdk", "nsmgr", "nsm_forwarder", "nse", "nsc", "nsm_registry", "nsm_lab", "nsm_spiffe_dev"];
+    &["nsm_sdk", "nsmgr", "nsm_forwarder", "nse", "nsc", "nsm_registry", "nsm_k8s", "nsm_lab", "nsm_spiffe_dev"];
 
 /// The `EnvFilter` directive for a level name (case-insensitive).
 pub fn directive(level: &str) -> Result<String, String> {

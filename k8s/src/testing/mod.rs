@@ -81,7 +81,28 @@ pub fn kube_bin_dir() -> PathBuf {
     PathBuf::from(text.lines().last().expect("peers.sh prints the directory").trim())
 }
 
-fn free_port() -> u16 {
+pub mod kubelet;
+pub mod webhook;
+
+/// A workspace binary, next to the running test executable (one level up
+/// from `target/<profile>/deps`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the running executable");
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} not found: build the workspace binaries first (cargo build --workspace --bins)",
+        bin.display()
+    );
+    bin
+}
+
+/// A free loopback TCP port (bound and released).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind a loopback port").port()
 }
 
@@ -151,7 +172,8 @@ fn spawn(bin: &Path, args: &[String], log: &Path) -> Child {
         .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()))
 }
 
-fn tail(path: &Path) -> String {
+/// The last 30 lines of a log file.
+pub fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
