@@ -246,6 +246,10 @@ async fn a_watch_survives_etcd_compaction_by_re_listing() {
         .await
         .unwrap();
     assert_eq!(next(&mut w).await.0, "before");
+    // Watches of 1 s end and resume from the last resourceVersion: no
+    // re-list while the history is there.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(reg.lists(), (1, 1), "resumed, not re-listed");
     // Other objects move etcd's revision on; compaction drops the history
     // the registry's next watch would resume from.
     let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(k.client(), "default");
