@@ -10,10 +10,15 @@
 //! - KERNEL requests must come over the unix socket: a TCP caller is on
 //!   another node and cannot own a network namespace here
 //!   (`PermissionDenied`).
-//! - When the caller's pid is visible (same or host PID namespace), a
-//!   claimed `netnsInode` (or `inode://dev/ino` `inodeURL`) must equal the
-//!   inode of `/proc/<pid>/ns/net`; otherwise `PermissionDenied`. A request
-//!   with no claim gets the caller's inode filled in.
+//! - When the caller's pid is visible (same or host PID namespace), every
+//!   namespace the mechanism names must be the caller's (the inode of
+//!   `/proc/<pid>/ns/net`): `netnsInode`, an `inode://dev/ino` `inodeURL`,
+//!   and a path `inodeURL` (`file:///var/run/netns/x`, `/proc/<pid>/ns/net`),
+//!   which is opened to find out; otherwise `PermissionDenied` naming both.
+//!   A path this nsmgr cannot open is refused too (nobody could check it).
+//!   `/proc/self|thread-self/...` (upstream clients' form, meaningful only
+//!   with a passed fd) names nothing here. A request without `netnsInode`
+//!   gets the caller's filled in.
 //! - When the pid is not visible (the nsmgr runs in its own PID namespace),
 //!   the claim cannot be checked: [`Verify::Strict`] (the default) refuses
 //!   with a message saying how to fix the deployment (run the nsmgr with
@@ -39,6 +44,7 @@ use nsm_api::mechanisms::kernel;
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_sdk::networkservice::chain::conn_mut;
 use nsm_sdk::networkservice::{ConnResult, Context, Element, Next};
+use nsm_sdk::tools::netns::NetnsError;
 use tonic::Status;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,21 +75,42 @@ fn is_kernel(m: &Mechanism) -> bool {
     m.r#type == kernel::MECHANISM
 }
 
-/// The netns inode a KERNEL mechanism claims, if any.
-pub fn claimed_inode(m: &Mechanism) -> Result<Option<u64>, Status> {
+/// One netns a KERNEL mechanism names: its inode and how it was named.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub inode: u64,
+    /// `netnsInode 4026532…` or `inodeURL file:///var/run/netns/x`.
+    pub by: String,
+}
+
+/// Every netns a KERNEL mechanism names (`netnsInode`, and `inodeURL`
+/// unless it is the sender-relative `/proc/self|thread-self/...`). A path
+/// URL is opened here, so one naming a namespace this nsmgr cannot open is
+/// refused: nobody could check that it is the caller's.
+pub fn claims(m: &Mechanism) -> Result<Vec<Claim>, Status> {
+    let mut out = vec![];
     if let Some(v) = m.parameters.get(kernel::NETNS_INODE).filter(|v| !v.is_empty()) {
-        return v
+        let inode = v
             .parse::<u64>()
-            .map(Some)
-            .map_err(|_| Status::invalid_argument(format!("mechanism parameter netnsInode={v:?} is not a number")));
+            .map_err(|_| Status::invalid_argument(format!("mechanism parameter netnsInode={v:?} is not a number")))?;
+        out.push(Claim { inode, by: format!("netnsInode {inode}") });
     }
-    if let Some(u) = m.parameters.get(kernel::INODE_URL).and_then(|u| u.strip_prefix("inode://")) {
-        let ino = u.rsplit('/').next().unwrap_or_default();
-        return ino.parse::<u64>().map(Some).map_err(|_| {
-            Status::invalid_argument(format!("mechanism parameter inodeURL=inode://{u} has no inode number"))
-        });
+    if let Some(u) = m.parameters.get(kernel::INODE_URL).filter(|u| !u.trim().is_empty()) {
+        match nsm_sdk::tools::netns::inode_named_by(u) {
+            Ok(Some((inode, _))) => out.push(Claim { inode, by: format!("inodeURL {u} (netns inode {inode})") }),
+            Ok(None) => {}
+            Err(e @ (NetnsError::BadUrl { .. } | NetnsError::UnsupportedPath { .. })) => {
+                return Err(Status::invalid_argument(format!("mechanism parameter inodeURL: {e}")));
+            }
+            Err(e) => {
+                return Err(Status::permission_denied(format!(
+                    "inodeURL {u} names a network namespace this nsmgr cannot check ({e}); a client can only ask for \
+                     interfaces in its own network namespace (send inodeURL=inode://<dev>/<ino> or netnsInode)"
+                )));
+            }
+        }
     }
-    Ok(None)
+    Ok(out)
 }
 
 fn caller_inode(ctx: &Context) -> Option<u64> {
@@ -128,20 +155,27 @@ impl Element for NetnsOwner {
             .chain(req.connection.as_mut().and_then(|c| c.mechanism.as_mut()))
             .filter(|m| is_kernel(m));
         for m in mechs {
-            let claimed = claimed_inode(m)?;
-            match (claimed, caller) {
-                (Some(c), Some(p)) if c != p => {
+            let claims = claims(m)?;
+            if let Some(p) = caller {
+                if let Some(c) = claims.iter().find(|c| c.inode != p) {
                     return Err(Status::permission_denied(format!(
-                        "the request claims netns inode {c}, but the calling process runs in netns inode {p}; \
-                         a client can only ask for interfaces in its own network namespace"
+                        "the request names {}, but the calling process runs in netns inode {p}; a client can only \
+                         ask for interfaces in its own network namespace",
+                        c.by
                     )));
                 }
-                (None, Some(p)) => {
+                if !claims.iter().any(|c| c.by.starts_with("netnsInode")) {
                     m.parameters.insert(kernel::NETNS_INODE.to_string(), p.to_string());
                 }
-                _ => {}
+            } else if let [first, rest @ ..] = claims.as_slice()
+                && let Some(c) = rest.iter().find(|c| c.inode != first.inode)
+            {
+                return Err(Status::invalid_argument(format!(
+                    "the request names two network namespaces: {} and {}",
+                    first.by, c.by
+                )));
             }
-            owner = owner.or(claimed).or(caller);
+            owner = owner.or(claims.first().map(|c| c.inode)).or(caller);
         }
         let meta = ctx.meta.clone();
         if let (Some(o), Some(Owner(prev))) = (owner, meta.as_ref().and_then(|m| m.server_get::<Owner>()))
@@ -236,6 +270,55 @@ mod tests {
         r.mechanism_preferences[0].cls = "REMOTE".into();
         let e = chain.request(&mut own_ctx(), r).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    }
+
+    fn with_url(id: &str, url: &str) -> NetworkServiceRequest {
+        let mut r = req(id, None);
+        r.mechanism_preferences[0].parameters.insert(kernel::INODE_URL.into(), url.into());
+        r
+    }
+
+    /// An inodeURL path naming another netns used to be replaced silently
+    /// by the caller's own; it is refused, naming both (needs root: a real
+    /// namespace).
+    #[tokio::test]
+    async fn a_path_to_another_netns_is_refused_naming_both() {
+        let other = nsm_sdk::testing::netns::TestNetns::new("nsmgr-owner");
+        let seen = Arc::new(Seen(Default::default()));
+        let chain = Chain::new(vec![NetnsOwner::new(Verify::Strict), seen.clone()]);
+        let url = format!("file:///var/run/netns/{}", other.name());
+        let e = chain.request(&mut own_ctx(), with_url("a", &url)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        let m = e.message();
+        assert!(m.contains(&url) && m.contains(&other.handle().inode().to_string()), "{m}");
+        assert!(m.contains(&format!("netns inode {}", own_inode())), "{m}");
+        assert!(seen.0.lock().unwrap().is_none(), "nothing passed on");
+        // Also when a matching netnsInode comes with it.
+        let mut r = with_url("a", &url);
+        r.mechanism_preferences[0].parameters.insert(kernel::NETNS_INODE.into(), own_inode().to_string());
+        assert_eq!(chain.request(&mut own_ctx(), r).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+        // A path nobody here can open cannot be checked: refused.
+        let e = chain.request(&mut own_ctx(), with_url("a", "file:///run/netns/no-such-netns")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("no-such-netns"), "{}", e.message());
+    }
+
+    #[tokio::test]
+    async fn urls_naming_the_callers_own_netns_pass() {
+        let seen = Arc::new(Seen(Default::default()));
+        let chain = Chain::new(vec![NetnsOwner::new(Verify::Strict), seen.clone()]);
+        let (own_url, _) = nsm_sdk::tools::netns::own_netns_params().unwrap();
+        for url in [
+            own_url.as_str(),
+            &format!("file:///proc/{}/ns/net", std::process::id()),
+            "file:///proc/thread-self/ns/net",
+        ] {
+            *seen.0.lock().unwrap() = None;
+            chain.request(&mut own_ctx(), with_url("a", url)).await.unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(seen.0.lock().unwrap().clone(), Some(own_inode().to_string()), "{url}");
+        }
+        let e = chain.request(&mut own_ctx(), with_url("a", "ftp://x")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
     }
 
     #[tokio::test]

@@ -2,7 +2,7 @@
 //! `sdk-kernel:pkg/kernel/networkservice/mechanisms/kernel`): the client
 //! names the network namespace its interface must land in, the endpoint
 //! names its own. Both name it by `netnsInode` and an `inodeURL` of
-//! `file:///proc/<pid>/ns/net` (fd passing comes with grpcfd).
+//! `inode://<nsfs dev>/<ino>` (fd passing comes with grpcfd).
 //!
 //! # Chain placement
 //! [`KernelClient`] in a client chain before the gRPC tail; [`KernelServer`]

@@ -208,12 +208,13 @@ pub fn inode_of(path: &Path) -> io::Result<u64> {
 }
 
 /// `(inodeURL, netnsInode)` for the calling thread's namespace, to advertise
-/// in a KERNEL mechanism: `file:///proc/<own pid>/ns/net` and the decimal
-/// inode of `/proc/thread-self/ns/net`.
+/// in a KERNEL mechanism: `inode://<nsfs dev>/<ino>` (upstream's form for a
+/// namespace by identity; unlike `/proc/<pid>/ns/net` it means the same in
+/// every PID namespace) and the decimal inode.
 pub fn own_netns_params() -> Result<(String, String), NetnsError> {
-    let inode = inode_of(Path::new(THREAD_SELF_NETNS))
+    let m = std::fs::metadata(THREAD_SELF_NETNS)
         .map_err(|source| NetnsError::Open { path: THREAD_SELF_NETNS.into(), source })?;
-    Ok((format!("file:///proc/{}/ns/net", std::process::id()), inode.to_string()))
+    Ok((format!("inode://{}/{}", m.dev(), m.ino()), m.ino().to_string()))
 }
 
 #[cfg(test)]

@@ -42,6 +42,7 @@ pub mod handle;
 pub mod resolve;
 
 pub use handle::{NetnsHandle, inode_of, own_netns_params};
+pub use resolve::inode_named_by;
 pub use resolve::{all_netns, resolve};
 
 /// The calling thread's network namespace file.
@@ -89,7 +90,7 @@ pub enum NetnsError {
     /// Neither parameter was given.
     #[error(
         "the KERNEL mechanism carries neither inodeURL nor netnsInode, so the client's network namespace is \
-         unknown; the client must send netnsInode (and preferably inodeURL=file:///proc/<pid>/ns/net)"
+         unknown; the client must send netnsInode (and preferably inodeURL=inode://<dev>/<ino>)"
     )]
     Missing,
     /// `netnsInode` is not a decimal number.

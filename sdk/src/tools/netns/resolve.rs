@@ -62,6 +62,32 @@ fn parse_inode_url(url: &str) -> Result<UrlTarget, NetnsError> {
     })
 }
 
+/// What an `inodeURL` says about the namespace it names, as seen from this
+/// process: `Ok(None)` for `/proc/self/...`/`/proc/thread-self/...` (the
+/// sender's own, meaningless here), `Ok(Some((inode, path)))` for
+/// `inode://<dev>/<ino>` (path empty) and for a supported path (opened now,
+/// so a path this process cannot open is an error).
+pub fn inode_named_by(url: &str) -> Result<Option<(u64, String)>, NetnsError> {
+    match parse_inode_url(url.trim())? {
+        UrlTarget::SelfRelative => Ok(None),
+        UrlTarget::Inode { dev, ino } => {
+            let nsfs = nsfs_dev()?;
+            if dev != nsfs {
+                return Err(NetnsError::BadUrl {
+                    value: url.to_string(),
+                    reason: format!("device {dev} is not nsfs (device {nsfs}), so this is not a namespace file"),
+                });
+            }
+            Ok(Some((ino, String::new())))
+        }
+        UrlTarget::Path(p) => {
+            let h = NetnsHandle::open(&p)?;
+            Ok(Some((h.inode(), p.display().to_string())))
+        }
+        UrlTarget::OtherPath => Err(NetnsError::UnsupportedPath { url: url.to_string() }),
+    }
+}
+
 fn parse_inode(value: &str) -> Result<u64, NetnsError> {
     let t = value.trim();
     if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
@@ -236,10 +262,13 @@ mod tests {
 
     #[test]
     fn resolves_own_netns_by_path_and_inode() {
-        let (url, ino) = own_netns_params().unwrap();
-        assert_eq!(url, format!("file:///proc/{}/ns/net", std::process::id()));
+        let (own_url, ino) = own_netns_params().unwrap();
+        let dev = std::fs::metadata(THREAD_SELF_NETNS).unwrap().dev();
+        assert_eq!(own_url, format!("inode://{dev}/{ino}"), "the same in every PID namespace");
         assert_eq!(ino, own_inode().to_string());
+        assert_eq!(inode_named_by(&own_url).unwrap(), Some((own_inode(), String::new())));
 
+        let url = format!("file:///proc/{}/ns/net", std::process::id());
         let by_path = resolve(Some(&url), None).unwrap();
         assert_eq!(by_path.inode(), own_inode());
         let both = resolve(Some(&url), Some(&ino)).unwrap();
@@ -249,7 +278,6 @@ mod tests {
         // Bare absolute path form, and inode://<dev>/<ino>.
         let bare = resolve(Some(&format!("/proc/{}/ns/net", std::process::id())), None).unwrap();
         assert_eq!(bare, by_path);
-        let dev = std::fs::metadata(THREAD_SELF_NETNS).unwrap().dev();
         let transit = resolve(Some(&format!("inode://{dev}/{ino}")), None).unwrap();
         assert_eq!(transit.inode(), own_inode());
         // Self-relative URL plus inode is fine: the inode decides.
