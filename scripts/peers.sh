@@ -3,6 +3,9 @@
 # Go modules at pinned versions, into a cache directory outside the repo, and prints where
 # they are:
 #   scripts/peers.sh kube    kube-apiserver and kubectl (k8s.io/kubernetes) and etcd (go.etcd.io/etcd)
+#   scripts/peers.sh gosdk   nsm-go-nsc and nsm-go-nse: this repo's peers/gosdk mains around the
+#                            upstream NSM Go sdk (github.com/networkservicemesh/sdk, pinned in
+#                            peers/gosdk/go.mod); rebuilt when their source changes
 #   scripts/peers.sh list    the peer groups, their pinned versions and cache directories
 # The last line on stdout is the directory that holds the group's binaries; progress goes to
 # stderr. Cache: ${NSM_PEERS_DIR:-/var/cache/nsm-rs/peers}/<name>-<version>/. A group whose
@@ -21,6 +24,11 @@ set -euo pipefail
 # --- pinned versions --------------------------------------------------------------------------
 KUBE_VERSION=v1.37.2 # k8s.io/kubernetes, cmd/kube-apiserver; staging modules at v0.37.2
 ETCD_VERSION=v3.7.3  # go.etcd.io/etcd/server/v3 (kubernetes v1.37.2 uses the v3.7 client)
+# The NSM Go sdk is pinned in peers/gosdk/go.mod (and go.sum). The proxy serves no module of the
+# upstream commands (github.com/networkservicemesh/cmd-nsc, cmd-nse-icmp-responder, cmd-nsmgr:
+# 403 for every version tried, 2026-12), nor sdk v1.15.x with its api v1.15.0; sdk and api
+# v1.14.5 are served.
+GOSDK_DIR="$(cd "$(dirname "$0")/.." && pwd)/peers/gosdk"
 
 PEERS_DIR=${NSM_PEERS_DIR:-/var/cache/nsm-rs/peers}
 
@@ -205,9 +213,34 @@ prepare_etcd() {
   go_peer_get "$dir" "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
 }
 
+# --- group: gosdk (our mains around the upstream NSM Go sdk) -----------------------------------
+gosdk_version() {
+  local sdk hash
+  sdk=$(sed -n 's/^[[:space:]]*github.com\/networkservicemesh\/sdk \(v[^ ]*\).*/\1/p' "$GOSDK_DIR/go.mod" | head -n 1)
+  [ -n "$sdk" ] || die "no github.com/networkservicemesh/sdk requirement in $GOSDK_DIR/go.mod"
+  # The cache entry follows the source: any change to the mains or the pins rebuilds.
+  hash=$(cd "$GOSDK_DIR" && find . -type f \( -name '*.go' -o -name go.mod -o -name go.sum \) | LC_ALL=C sort |
+    xargs sha256sum | sha256sum | cut -c1-12)
+  echo "sdk-$sdk-$hash"
+}
+
+# build_gosdk OUT WORK
+build_gosdk() {
+  local out=$1 work=$2
+  # Build from a copy, so the repo gets no build artefacts and go.sum is used as committed.
+  cp -r "$GOSDK_DIR" "$work/src"
+  log "building nsm-go-nsc and nsm-go-nse (go build under nice -n 19)"
+  (cd "$work/src" && gocmd build -trimpath -ldflags "-s -w" -o "$out/nsm-go-nsc" ./nsc &&
+    gocmd build -trimpath -ldflags "-s -w" -o "$out/nsm-go-nse" ./nse) || die "go build in $GOSDK_DIR failed"
+  {
+    sed -n 's/^[[:space:]]*\(github.com\/networkservicemesh\/[^ ]* v[^ ]*\).*/\1/p' "$GOSDK_DIR/go.mod"
+    echo "built with $(go version) on $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  } >"$out/VERSIONS"
+}
+
 # --- main -------------------------------------------------------------------------------------
 usage() {
-  sed -n '2,9s/^# \{0,1\}//p' "$0" >&2
+  sed -n '2,12s/^# \{0,1\}//p' "$0" >&2
 }
 
 main() {
@@ -215,7 +248,11 @@ main() {
   kube)
     ensure_group kube "$KUBE_VERSION-etcd-$ETCD_VERSION" build_kube kube-apiserver kubectl etcd
     ;;
+  gosdk)
+    ensure_group gosdk "$(gosdk_version)" build_gosdk nsm-go-nsc nsm-go-nse
+    ;;
   list)
+    echo "gosdk $(gosdk_version)  $PEERS_DIR/gosdk-$(gosdk_version)"
     echo "kube  k8s.io/kubernetes $KUBE_VERSION + go.etcd.io/etcd/server/v3 $ETCD_VERSION  $PEERS_DIR/kube-$KUBE_VERSION-etcd-$ETCD_VERSION"
     ;;
   -h | --help | help)

@@ -10,6 +10,10 @@ scripts/setup.sh
 # Kubernetes tests start; built from pinned Go modules on first use, cached.
 NSM_KUBE_BIN_DIR=$(scripts/peers.sh kube | tail -n 1)
 export NSM_KUBE_BIN_DIR
+# The peers built on the upstream NSM Go sdk (nsm-go-nsc, nsm-go-nse) the
+# interop tests run beside ours; built from peers/gosdk on first use, cached.
+NSM_GOSDK_BIN_DIR=$(scripts/peers.sh gosdk | tail -n 1)
+export NSM_GOSDK_BIN_DIR
 before=$(ip netns list 2>/dev/null | awk '{print $1}' | sort)
 # The integration tests run the workspace binaries, so build them first.
 cargo build --workspace --bins

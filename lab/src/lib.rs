@@ -7,6 +7,7 @@
 //! - [`env`](mod@env): namespaces, processes, state directory, teardown.
 //! - [`mesh`]: nodes, endpoints, clients and queries built on [`env`](mod@env).
 //! - [`cluster`]: multi-node, multi-cluster topologies.
+//! - [`gopeers`]: peers built on the upstream NSM Go sdk, run beside ours.
 //! - [`demo`]: the scenario `nsm-lab run` shows.
 //! - [`bench`](mod@bench): throughput and setup latency (`nsm-lab bench`).
 
@@ -36,6 +37,7 @@ pub mod bench;
 pub mod cluster;
 pub mod demo;
 pub mod env;
+pub mod gopeers;
 pub mod mesh;
 pub mod spire;
 

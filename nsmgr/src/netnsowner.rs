@@ -29,13 +29,20 @@
 //!   container's connection shares the pod netns, so it is allowed.)
 //! - Requests without a local KERNEL mechanism (remote hops) pass through.
 //!
-//! Acting for another pod's netns needs fd passing (a client proves access
-//! by sending the fd); until that exists it is refused.
+//! - A client may name another namespace than its own only by passing an fd
+//!   of it (grpcfd: SCM_RIGHTS on the unix socket, the mechanism naming it
+//!   `inode://<dev>/<ino>`, or a path whose namespace is that fd's): holding
+//!   the fd proves access. Upstream clients always pass theirs.
+//! - A passed netns fd is kept with the connection, and the mechanism the
+//!   forwarder gets names it as `file:///proc/<nsmgr pid>/fd/<n>` (stable
+//!   across refreshes), so the forwarder opens it instead of searching every
+//!   process for the inode; the response carries the client's own URL back.
 //!
 //! # Chain placement
 //! After the endpoint prefix (it stores the owner in `metadata`), before
 //! anything that selects or builds.
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -44,11 +51,20 @@ use nsm_api::mechanisms::kernel;
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_sdk::networkservice::chain::conn_mut;
 use nsm_sdk::networkservice::{ConnResult, Context, Element, Next};
+use nsm_sdk::tools::grpcfd::{self, FdTransfer};
 use nsm_sdk::tools::netns::NetnsError;
 use tonic::Status;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Owner(u64);
+
+/// The netns fd a client passed for its connection, kept while the
+/// connection lives here.
+#[derive(Clone, Debug)]
+struct KeptNetns {
+    inode: u64,
+    fd: Arc<OwnedFd>,
+}
 
 /// What to do when the caller's pid is not visible to the nsmgr.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -149,6 +165,11 @@ impl Element for NetnsOwner {
                 }
             }
         }
+        let meta = ctx.meta.clone();
+        let fds = ctx.peer.fds.clone();
+        let mut kept = meta.as_ref().and_then(|m| m.server_get::<KeptNetns>());
+        // (the path handed on, the client's own URL) for the response.
+        let mut swapped: Option<(String, String)> = None;
         let mechs = req
             .mechanism_preferences
             .iter_mut()
@@ -156,16 +177,19 @@ impl Element for NetnsOwner {
             .filter(|m| is_kernel(m));
         for m in mechs {
             let claims = claims(m)?;
+            let passed = |inode: u64| passed_netns(fds.as_deref(), inode);
             if let Some(p) = caller {
-                if let Some(c) = claims.iter().find(|c| c.inode != p) {
+                if let Some(c) = claims.iter().find(|c| c.inode != p && passed(c.inode).is_none()) {
                     return Err(Status::permission_denied(format!(
-                        "the request names {}, but the calling process runs in netns inode {p}; a client can only \
-                         ask for interfaces in its own network namespace",
+                        "the request names {}, but the calling process runs in netns inode {p} and passed no fd of \
+                         that namespace; a client can only ask for interfaces in its own network namespace, or in one \
+                         it proves access to by passing its fd",
                         c.by
                     )));
                 }
                 if !claims.iter().any(|c| c.by.starts_with("netnsInode")) {
-                    m.parameters.insert(kernel::NETNS_INODE.to_string(), p.to_string());
+                    let ino = claims.first().map(|c| c.inode).unwrap_or(p);
+                    m.parameters.insert(kernel::NETNS_INODE.to_string(), ino.to_string());
                 }
             } else if let [first, rest @ ..] = claims.as_slice()
                 && let Some(c) = rest.iter().find(|c| c.inode != first.inode)
@@ -175,9 +199,22 @@ impl Element for NetnsOwner {
                     first.by, c.by
                 )));
             }
+            // A passed fd of the named namespace: the forwarder opens ours.
+            if let Some(c) = claims.first() {
+                if kept.as_ref().is_none_or(|k| k.inode != c.inode)
+                    && let Some(fd) = passed(c.inode)
+                {
+                    kept = Some(KeptNetns { inode: c.inode, fd });
+                }
+                if let Some(k) = kept.as_ref().filter(|k| k.inode == c.inode) {
+                    let ours = format!("file://{}", grpcfd::proc_path(&k.fd));
+                    if let Some(theirs) = m.parameters.insert(kernel::INODE_URL.to_string(), ours.clone()) {
+                        swapped = Some((ours, theirs));
+                    }
+                }
+            }
             owner = owner.or(claims.first().map(|c| c.inode)).or(caller);
         }
-        let meta = ctx.meta.clone();
         if let (Some(o), Some(Owner(prev))) = (owner, meta.as_ref().and_then(|m| m.server_get::<Owner>()))
             && o != prev
         {
@@ -185,12 +222,29 @@ impl Element for NetnsOwner {
                 "connection {conn_id} belongs to a client in netns inode {prev}; this request comes from netns inode {o}"
             )));
         }
-        let conn = next.request(ctx, req).await?;
+        let mut conn = next.request(ctx, req).await?;
+        // The client gets its own URL back (upstream's sendfd maps it back
+        // to the file it passed).
+        if let (Some((ours, theirs)), Some(m)) = (swapped, conn.mechanism.as_mut())
+            && m.parameters.get(kernel::INODE_URL) == Some(&ours)
+        {
+            m.parameters.insert(kernel::INODE_URL.to_string(), theirs);
+        }
         if let (Some(o), Some(m)) = (owner, meta) {
             m.server_insert(Owner(o));
+            if let Some(k) = kept.filter(|k| k.inode == o) {
+                m.server_insert(k);
+            }
         }
         Ok(conn)
     }
+}
+
+/// The fd of network namespace `inode` the caller passed on this
+/// connection, if it did.
+fn passed_netns(fds: Option<&FdTransfer>, inode: u64) -> Option<Arc<OwnedFd>> {
+    let nsfs = nsm_sdk::tools::netns::nsfs_dev().ok()?;
+    fds?.get((nsfs, inode))
 }
 
 #[cfg(test)]
@@ -330,5 +384,61 @@ mod tests {
         let e = chain.request(&mut Context::default(), req("a", Some("222"))).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(e.message().contains("111") && e.message().contains("222"));
+    }
+
+    /// Records the inodeURL the next element receives.
+    struct SeenUrl(std::sync::Mutex<Option<String>>);
+
+    #[async_trait]
+    impl Element for SeenUrl {
+        async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, next: Next) -> ConnResult {
+            *self.0.lock().unwrap() = req.mechanism_preferences[0].parameters.get(kernel::INODE_URL).cloned();
+            next.request(ctx, req).await
+        }
+    }
+
+    /// A client that passes the fd of a namespace proves access to it
+    /// (upstream's grpcfd): the request names it by `inode://`, and the
+    /// forwarder is handed the nsmgr's kept fd by path, the same one on every
+    /// refresh (needs root: a real namespace).
+    #[tokio::test]
+    async fn a_passed_netns_fd_proves_access_and_is_handed_on_by_path() {
+        let other = nsm_sdk::testing::netns::TestNetns::new("nsmgr-fd");
+        let ino = other.handle().inode();
+        let nsfs = nsm_sdk::tools::netns::nsfs_dev().unwrap();
+        let url = grpcfd::inode_url((nsfs, ino));
+        let seen = Arc::new(Seen(Default::default()));
+        let seen_url = Arc::new(SeenUrl(Default::default()));
+        let chain = Chain::new(vec![
+            Begin::new(),
+            Metadata::new(),
+            NetnsOwner::new(Verify::Strict),
+            seen.clone(),
+            seen_url.clone(),
+        ]);
+        // Without the fd: not the caller's netns, refused naming both.
+        let e = chain.request(&mut own_ctx(), with_url("a", &url)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains(&url) && e.message().contains("passed no fd"), "{}", e.message());
+        // With it: accepted for that namespace.
+        let with_fd = || {
+            let fds = Arc::new(FdTransfer::default());
+            fds.accept(std::fs::File::open(other.path()).unwrap().into());
+            let mut ctx = own_ctx();
+            ctx.peer.fds = Some(fds);
+            ctx
+        };
+        chain.request(&mut with_fd(), with_url("a", &url)).await.unwrap();
+        assert_eq!(seen.0.lock().unwrap().clone(), Some(ino.to_string()), "netnsInode is the passed namespace's");
+        let handed = seen_url.0.lock().unwrap().clone().unwrap();
+        let path = handed.strip_prefix("file://").unwrap();
+        assert!(path.starts_with(&format!("/proc/{}/fd/", std::process::id())), "{handed}");
+        assert_eq!(nsm_sdk::tools::netns::inode_of(std::path::Path::new(path)).unwrap(), ino);
+        // A refresh passes a new fd: the forwarder still gets the same path.
+        chain.request(&mut with_fd(), with_url("a", &url)).await.unwrap();
+        assert_eq!(seen_url.0.lock().unwrap().clone().unwrap(), handed);
+        // A path naming that namespace, with its fd: accepted too.
+        let p = format!("file:///var/run/netns/{}", other.name());
+        chain.request(&mut with_fd(), with_url("b", &p)).await.unwrap();
     }
 }

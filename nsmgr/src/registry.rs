@@ -11,8 +11,16 @@
 //!   endpoints registered here get their real URL back; results that point
 //!   at this nsmgr but are unknown here (left over from before a restart) are
 //!   dropped.
+//! - `recvfd`: an endpoint registering `inode://<dev>/<ino>` (upstream's
+//!   sendfd: its socket passed as an fd on the unix connection) is reached
+//!   through that fd: the nsmgr keeps it while the registration lives and
+//!   the local URL is `unix:///proc/<nsmgr pid>/fd/<n>` (same for every
+//!   refresh of the same socket), which the forwarder dials, so the
+//!   endpoint's socket needs no path both can see. The endpoint gets its
+//!   `inode://` URL back, as upstream's recvfd restores it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -23,6 +31,7 @@ use nsm_sdk::networkservice::Context;
 use nsm_sdk::registry::expire::capped;
 use nsm_sdk::registry::{NseRegistry, NseStream};
 use nsm_sdk::tools::grpc::parse_url;
+use nsm_sdk::tools::grpcfd;
 use nsm_sdk::tools::token;
 use tonic::Status;
 
@@ -42,6 +51,15 @@ struct Local {
     url: String,
     /// When the registration lapses without a refresh.
     expires: Option<SystemTime>,
+    /// The endpoint's socket, when it was passed as an fd (`url` names it).
+    socket: Option<PassedSocket>,
+}
+
+/// A passed endpoint socket and the `inode://` URL it was registered as.
+#[derive(Clone, Debug)]
+struct PassedSocket {
+    inode_url: String,
+    fd: Arc<OwnedFd>,
 }
 
 impl NseRelay {
@@ -64,6 +82,30 @@ impl NseRelay {
         self.local.lock().unwrap_or_else(|e| e.into_inner()).get(name).map(|l| l.url.clone())
     }
 
+    /// The socket fd an `inode://` registration passed (the one kept from an
+    /// earlier registration of the same socket, so the URL stays the same).
+    fn passed_socket(&self, ctx: &Context, nse: &NetworkServiceEndpoint) -> Result<Option<PassedSocket>, Status> {
+        let Some(id) = grpcfd::parse_inode_url(&nse.url) else { return Ok(None) };
+        let kept = self
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&nse.name)
+            .and_then(|l| l.socket.clone())
+            .filter(|s| s.inode_url == nse.url);
+        if let Some(s) = kept {
+            return Ok(Some(s));
+        }
+        let fd = ctx.peer.fds.as_ref().and_then(|f| f.get(id)).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "endpoint {:?} registers {}, a passed socket, but no file descriptor for it came on this connection \
+                 (fds pass only over the nsmgr's unix socket, with SCM_RIGHTS as grpcfd sends them)",
+                nse.name, nse.url
+            ))
+        })?;
+        Ok(Some(PassedSocket { inode_url: nse.url.clone(), fd }))
+    }
+
     /// True if `name` registered through this nsmgr and has not lapsed.
     pub fn is_local(&self, name: &str) -> bool {
         let now = SystemTime::now();
@@ -78,6 +120,10 @@ impl NseRelay {
 #[async_trait]
 impl NseRegistry for NseRelay {
     async fn register(&self, ctx: &Context, mut nse: NetworkServiceEndpoint) -> Result<NetworkServiceEndpoint, Status> {
+        let socket = self.passed_socket(ctx, &nse)?;
+        if let Some(s) = &socket {
+            nse.url = format!("unix://{}", grpcfd::proc_path(&s.fd));
+        }
         parse_url(&nse.url).map_err(|e| {
             Status::invalid_argument(format!("endpoint {:?} registers with an unusable URL: {e}", nse.name))
         })?;
@@ -103,11 +149,11 @@ impl NseRegistry for NseRelay {
             // Forget endpoints that stopped refreshing (they crashed).
             let now = SystemTime::now();
             local.retain(|_, l| l.expires.is_none_or(|t| t > now));
-            local.insert(name.clone(), Local { url: real.clone(), expires });
+            local.insert(name.clone(), Local { url: real.clone(), expires, socket: socket.clone() });
         }
         match self.inner.register(ctx, nse).await {
             Ok(mut stored) => {
-                stored.url = real;
+                stored.url = socket.map(|s| s.inode_url).unwrap_or(real);
                 Ok(stored)
             }
             Err(e) => {
@@ -155,6 +201,8 @@ impl NseRegistry for NseRelay {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::OpenOptionsExt;
+
     use nsm_sdk::registry::find_nses;
     use nsm_sdk::registry::memory::MemoryRegistry;
 
@@ -236,5 +284,56 @@ mod tests {
         no_svc.network_service_names.clear();
         assert!(r.register(&Context::default(), no_svc).await.is_err());
         assert_eq!(r.local_len(), 0);
+    }
+
+    /// A context whose caller passed the fd of the unix socket file at
+    /// `path`, as upstream's registry sendfd does; returns it with the
+    /// `inode://` URL that names the socket.
+    fn passing(path: &std::path::Path) -> (Context, String) {
+        let fds = Arc::new(grpcfd::FdTransfer::default());
+        let f =
+            std::fs::OpenOptions::new().read(true).custom_flags(nix::fcntl::OFlag::O_PATH.bits()).open(path).unwrap();
+        let url = grpcfd::inode_url(grpcfd::file_id(&f).unwrap());
+        fds.accept(f.into());
+        let mut ctx = Context::default();
+        ctx.peer.fds = Some(fds);
+        (ctx, url)
+    }
+
+    #[tokio::test]
+    async fn a_passed_socket_is_reached_through_the_kept_fd() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("listen.on");
+        let _ln = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let store = MemoryRegistry::new();
+        let r = relay(&store);
+        let (ctx, url) = passing(&sock);
+        let back = r.register(&ctx, nse("e1", &url)).await.unwrap();
+        assert_eq!(back.url, url, "the endpoint gets its inode:// URL back, as upstream's recvfd restores it");
+        let found = find_nses(r.as_ref(), &ctx, NetworkServiceEndpoint::default()).await.unwrap();
+        let local = found[0].url.clone();
+        assert!(local.starts_with(&format!("unix:///proc/{}/fd/", std::process::id())), "{local}");
+        // The kept fd reaches the socket, whatever the caller's filesystem.
+        std::os::unix::net::UnixStream::connect(local.trim_start_matches("unix://")).unwrap();
+        // A refresh passes the fd again: the URL stays the same.
+        let (ctx2, url2) = passing(&sock);
+        assert_eq!(url2, url);
+        r.register(&ctx2, nse("e1", &url2)).await.unwrap();
+        let again = find_nses(r.as_ref(), &ctx, NetworkServiceEndpoint::default()).await.unwrap();
+        assert_eq!(again[0].url, local);
+        assert_eq!(find_nses(&store, &ctx, NetworkServiceEndpoint::default()).await.unwrap()[0].url, PUBLIC);
+        r.unregister(&ctx, nse("e1", &url)).await.unwrap();
+        assert_eq!(r.local_len(), 0, "the kept fd goes with the registration");
+    }
+
+    #[tokio::test]
+    async fn an_inode_url_without_its_fd_is_refused_naming_it() {
+        let store = MemoryRegistry::new();
+        let r = relay(&store);
+        let e = r.register(&Context::default(), nse("e1", "inode://12/34")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("inode://12/34") && e.message().contains("no file descriptor"), "{}", e.message());
+        assert_eq!(r.local_len(), 0);
+        assert!(find_nses(&store, &Context::default(), NetworkServiceEndpoint::default()).await.unwrap().is_empty());
     }
 }

@@ -183,6 +183,9 @@ pub struct Peer {
     /// The SVID this side presented on the connection (mTLS): tokens for
     /// this peer are signed with it while it is valid.
     pub local_svid: Option<std::sync::Arc<crate::security::Svid>>,
+    /// The fds the caller passed on its unix connection (grpcfd), and the
+    /// queue of those going back to it.
+    pub fds: Option<std::sync::Arc<crate::tools::grpcfd::FdTransfer>>,
 }
 
 /// Per-call state handed through a chain: the deadline, the caller, the

@@ -89,9 +89,14 @@ pub struct RegistryPath {
     /// Index of the segment of the hop that holds the path.
     #[serde(rename = "Index", default)]
     pub index: u32,
-    /// One segment per hop.
-    #[serde(rename = "PathSegments", default)]
+    /// One segment per hop. Go clients send `null` for a path not begun
+    /// yet (a nil slice), which reads as empty.
+    #[serde(rename = "PathSegments", default, deserialize_with = "null_as_empty")]
     pub path_segments: Vec<RegistryPathSegment>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<RegistryPathSegment>, D::Error> {
+    Ok(Option::<Vec<RegistryPathSegment>>::deserialize(d)?.unwrap_or_default())
 }
 
 impl RegistryPath {

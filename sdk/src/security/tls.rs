@@ -48,6 +48,9 @@ pub struct PeerIdentity {
     pub half_life: Option<SystemTime>,
     /// The SVID this side presented on the connection.
     pub local: Option<Arc<Svid>>,
+    /// The connection's fds (grpcfd) when it is a unix socket: what the
+    /// server passed back, and the queue of those to send it.
+    pub fds: Option<Arc<crate::tools::grpcfd::FdTransfer>>,
 }
 
 /// The server a client connection reached (for the client-side policy).
@@ -61,6 +64,7 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> PeerIdentity {
         cert_der: Some(Arc::new(leaf.as_ref().to_vec())),
         half_life: half_life(leaf.as_ref()),
         local: None,
+        fds: None,
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod daemon;
 pub mod grpc;
+pub mod grpcfd;
 pub mod labels;
 pub mod log;
 pub mod matchutils;

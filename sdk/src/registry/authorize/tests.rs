@@ -57,6 +57,9 @@ fn path_metadata_round_trip_and_go_field_names() {
     md.insert(PATH_KEY, MetadataValue::from_static(r#"{"Index":3,"PathSegments":[{"token":""}]}"#));
     assert_eq!(RegistryPath::from_metadata(&md).unwrap_err().code(), tonic::Code::InvalidArgument);
     assert!(RegistryPath::from_metadata(&MetadataMap::new()).unwrap().is_none());
+    // What the Go sdk's registry clients send before any hop: a nil slice.
+    md.insert(PATH_KEY, MetadataValue::from_static(r#"{"Index":0,"PathSegments":null}"#));
+    assert_eq!(RegistryPath::from_metadata(&md).unwrap().unwrap(), RegistryPath::default());
     let mut out = MetadataMap::new();
     let mut ctx = Context::default();
     p.to_metadata(&mut ctx.incoming);

@@ -35,7 +35,7 @@ pub type ServerPeerCell = Arc<Mutex<PeerIdentity>>;
 
 async fn connect_raw(u: &Url) -> std::io::Result<Io> {
     match u.scheme() {
-        "unix" => Ok(Io::Unix(UnixStream::connect(u.path()).await?)),
+        "unix" => Ok(Io::Unix(crate::tools::grpcfd::FdStream::new(UnixStream::connect(u.path()).await?))),
         _ => {
             let auth = tcp_authority(u).ok_or_else(|| std::io::Error::other("tcp URL needs host:port"))?;
             let s = TcpStream::connect(auth).await?;
@@ -93,11 +93,19 @@ async fn dial_inner(u: &Url, timeout: Duration, how: Handshake) -> Result<(Chann
                 // converting the new material): a refused handshake is tried
                 // twice more; a real refusal fails the same way each time.
                 let mut attempt = 0;
-                let (s, local) = loop {
+                let (s, local, fds) = loop {
                     attempt += 1;
                     let io = connect_raw(&u).await?;
+                    let fds = match &io {
+                        Io::Unix(s) => Some(s.fds().clone()),
+                        Io::Tcp(_) => None,
+                    };
                     let (c, local) = match &how {
-                        Handshake::Plain => return Ok(TokioIo::new(ClientConn::Plain(io))),
+                        Handshake::Plain => {
+                            *peer.lock().unwrap_or_else(|e| e.into_inner()) =
+                                PeerIdentity { fds, ..Default::default() };
+                            return Ok(TokioIo::new(ClientConn::Plain(io)));
+                        }
                         Handshake::Static(c) => (c.clone(), None),
                         // Presents exactly the SVID it returns.
                         Handshake::Svid(t) => {
@@ -106,7 +114,7 @@ async fn dial_inner(u: &Url, timeout: Duration, how: Handshake) -> Result<(Chann
                         }
                     };
                     match c.connect(name.clone(), io).await {
-                        Ok(s) => break (s, local),
+                        Ok(s) => break (s, local, fds),
                         Err(e) if attempt < 3 && matches!(how, Handshake::Svid(_)) => {
                             tracing::debug!(url = %u, error = %e, attempt, "TLS handshake failed; retrying");
                             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -116,6 +124,7 @@ async fn dial_inner(u: &Url, timeout: Duration, how: Handshake) -> Result<(Chann
                 };
                 let mut id = peer_identity(s.get_ref().1.peer_certificates());
                 id.local = local;
+                id.fds = fds;
                 *peer.lock().unwrap_or_else(|e| e.into_inner()) = id;
                 Ok::<_, std::io::Error>(TokioIo::new(ClientConn::Tls(Box::new(s))))
             }

@@ -11,6 +11,8 @@ use std::time::Duration;
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+use crate::tools::grpcfd::FdStream;
 use tonic::transport::server::Connected;
 use url::Url;
 
@@ -20,7 +22,8 @@ use crate::security::tls::{Tls, peer_identity};
 
 /// A connection accepted on a unix or TCP listener.
 pub enum Io {
-    Unix(UnixStream),
+    /// A unix socket, passing fds as upstream's grpcfd does.
+    Unix(FdStream),
     Tcp(TcpStream),
 }
 
@@ -37,10 +40,11 @@ impl Connected for Io {
         let mut peer = Peer::default();
         match self {
             Io::Unix(s) => {
-                if let Ok(c) = s.peer_cred() {
+                if let Ok(c) = s.get_ref().peer_cred() {
                     peer.uid = Some(c.uid());
                     peer.pid = c.pid();
                 }
+                peer.fds = Some(s.fds().clone());
             }
             Io::Tcp(s) => peer.addr = s.peer_addr().ok(),
         }
@@ -126,7 +130,7 @@ impl Listeners {
             let tx = raw_tx.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
-                    let r = ln.accept().await.map(|(s, _)| Io::Unix(s));
+                    let r = ln.accept().await.map(|(s, _)| Io::Unix(FdStream::new(s)));
                     if tx.send(r).await.is_err() {
                         break;
                     }

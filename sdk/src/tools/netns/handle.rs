@@ -195,7 +195,7 @@ fn probe_setns(file: &File, shown: &str) -> Result<(), NetnsError> {
 }
 
 /// The device number of nsfs.
-pub(super) fn nsfs_dev() -> Result<u64, NetnsError> {
+pub fn nsfs_dev() -> Result<u64, NetnsError> {
     std::fs::metadata("/proc/self/ns/net")
         .map(|m| m.dev())
         .map_err(|source| NetnsError::Open { path: "/proc/self/ns/net".into(), source })

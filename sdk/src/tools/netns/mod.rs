@@ -41,7 +41,7 @@ use std::io;
 pub mod handle;
 pub mod resolve;
 
-pub use handle::{NetnsHandle, inode_of, own_netns_params};
+pub use handle::{NetnsHandle, inode_of, nsfs_dev, own_netns_params};
 pub use resolve::inode_named_by;
 pub use resolve::{all_netns, resolve};
 

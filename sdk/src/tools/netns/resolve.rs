@@ -58,6 +58,9 @@ fn parse_inode_url(url: &str) -> Result<UrlTarget, NetnsError> {
         ["", "proc", pid, "ns", "net"] if is_num(pid) => UrlTarget::Path(p.to_path_buf()),
         ["", "proc", pid, "task", tid, "ns", "net"] if is_num(pid) && is_num(tid) => UrlTarget::Path(p.to_path_buf()),
         ["", "run", "netns", _] | ["", "var", "run", "netns", _] => UrlTarget::Path(p.to_path_buf()),
+        // A namespace fd a process keeps open: the nsmgr hands the forwarder
+        // the fds clients passed it (grpcfd) this way.
+        ["", "proc", pid, "fd", n] if is_num(pid) && is_num(n) => UrlTarget::Path(p.to_path_buf()),
         _ => UrlTarget::OtherPath,
     })
 }

@@ -1,0 +1,170 @@
+//! Interop with programs built on the upstream NSM Go sdk (v1.14.5, see
+//! `peers/gosdk` and `scripts/peers.sh gosdk`): the sdk's client chain
+//! (`nsm-go-nsc`) and endpoint chain with its registry clients
+//! (`nsm-go-nse`) against our nsmgr, forwarder, nsc and nse, in real
+//! namespaces, with mutual TLS on every hop, SVIDs from the lab's Workload
+//! API, and each side's token policies checking the other's tokens (the Go
+//! peers run upstream's default OPA policies). The Go peers pass their fds as
+//! upstream does (grpcfd): the endpoint registers its socket as `inode://`,
+//! the client its netns.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nsm_api::registry::NetworkServiceEndpoint;
+use nsm_lab::cluster;
+use nsm_lab::env::Lab;
+use nsm_lab::gopeers::{self, SocketAt};
+use nsm_lab::mesh::{self, Node, NodeOpts, connections, ip_of, links, nsc_init, ping, wait_until};
+use nsm_sdk::networkservice::chain::Context;
+use nsm_sdk::registry::find_nses;
+use serde_json::Value;
+
+/// The names of the path segments of a connection the Go sdk printed.
+fn path_names(conn: &Value) -> Vec<String> {
+    conn["path"]["path_segments"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()).collect()
+}
+
+fn ip_pair(conn: &Value) -> (String, String) {
+    let ip = &conn["context"]["ip_context"];
+    (ip_of(ip["src_ip_addrs"][0].as_str().unwrap()), ip_of(ip["dst_ip_addrs"][0].as_str().unwrap()))
+}
+
+fn by_name(name: &str) -> NetworkServiceEndpoint {
+    NetworkServiceEndpoint { name: name.to_string(), ..Default::default() }
+}
+
+/// Nothing of any connection is left on `nodes`: pod interfaces and
+/// connection state at the nsmgr and forwarder.
+async fn assert_clean(lab: &Lab, pods: &[&str], nodes: &[&Node]) {
+    for p in pods {
+        let left = || links(lab, p).unwrap();
+        wait_until(Duration::from_secs(5), || left().is_empty(), || format!("{p} still has {:?}", left())).await;
+    }
+    for n in nodes {
+        assert!(connections(lab, &n.nsmgr_url).await.unwrap().is_empty(), "connections left at {}", n.nsmgr_name);
+        assert!(
+            connections(lab, &n.forwarder_url).await.unwrap().is_empty(),
+            "connections left at {}",
+            n.forwarder_name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_sdk_client_reaches_our_endpoint_and_a_go_sdk_endpoint_through_our_mesh() {
+    let (mut lab, node, ours) = mesh::single_node("gonsc", &NodeOpts::default(), "172.16.30.0/31").await;
+    let go = gopeers::start_go_nse(&mut lab, &node, "gonse", "go-responder", "172.16.31.0/31", SocketAt::Shared, &[])
+        .await
+        .unwrap();
+    let pod = lab.add_netns("pod").unwrap();
+    let conns = gopeers::start_go_nsc(
+        &mut lab,
+        "gonsc",
+        &node,
+        &pod,
+        "nsc",
+        "kernel://icmp-responder/nsm-1,kernel://go-responder/nsm-2",
+    )
+    .await
+    .unwrap();
+    assert_eq!(path_names(&conns[0]), ["nsc", "nsmgr-node1", "forwarder-node1", "nse1"]);
+    assert_eq!(path_names(&conns[1]), ["nsc", "nsmgr-node1", "forwarder-node1", "gonse"]);
+    for c in &conns {
+        // The client passed its netns fd as inode://; the nsmgr answered
+        // with that URL, which the sdk's sendfd mapped back to its own file.
+        assert_eq!(c["mechanism"]["parameters"]["inodeURL"], "file:///proc/thread-self/ns/net", "{c}");
+    }
+    let mut pod_links = links(&lab, &pod).unwrap();
+    pod_links.sort();
+    assert_eq!(pod_links, ["nsm-1", "nsm-2"], "the Go client's interfaces are in its pod");
+    for (conn, ifname, nse_ns) in [(&conns[0], "nsm-1", &ours.netns), (&conns[1], "nsm-2", &go.netns)] {
+        let (src, dst) = ip_pair(conn);
+        let (ok, out) = ping(&lab, &pod, ifname, &dst, 2).unwrap();
+        assert!(ok, "Go client -> {dst} over {ifname}: {out}");
+        let nse_if = links(&lab, nse_ns).unwrap().remove(0);
+        let (ok, out) = ping(&lab, nse_ns, &nse_if, &src, 2).unwrap();
+        assert!(ok, "endpoint -> Go client {src}: {out}");
+    }
+    // SIGTERM: the Go client Closes both connections through our mesh.
+    lab.signal("gonsc", Signal::SIGTERM).unwrap();
+    gopeers::wait_line(&mut lab, "gonsc", "closed nsc-1", Duration::from_secs(20)).await.unwrap();
+    assert_clean(&lab, &[&pod, &ours.netns, &go.netns], &[&node]).await;
+    // And the Go endpoint unregisters through our nsmgr.
+    lab.signal("gonse", Signal::SIGTERM).unwrap();
+    gopeers::wait_line(&mut lab, "gonse", "unregistered gonse", Duration::from_secs(20)).await.unwrap();
+    let reg = lab.registry(&node.nsmgr_url, Duration::from_secs(1));
+    let left = find_nses(&reg, &Context::with_timeout(Duration::from_secs(2)), by_name("gonse")).await.unwrap();
+    assert!(left.is_empty(), "the Go endpoint's registration is gone: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_client_reaches_a_go_sdk_endpoint_on_its_node_and_across_nodes() {
+    let (mut lab, n1, n2) = cluster::two_nodes("gonse", &NodeOpts::default()).await;
+    let eth = gopeers::start_go_nse(&mut lab, &n2, "go-eth", "go-eth", "172.16.32.0/29", SocketAt::Shared, &[])
+        .await
+        .unwrap();
+    let ip = gopeers::start_go_nse(
+        &mut lab,
+        &n2,
+        "go-ip",
+        "go-ip",
+        "172.16.33.0/31",
+        SocketAt::Shared,
+        &[("NSM_PAYLOAD", "IP".into())],
+    )
+    .await
+    .unwrap();
+    // Same node, and from the other node over VXLAN (ETHERNET payload) and
+    // WireGuard (IP payload); `nsc run` keeps them until SIGTERM.
+    let local = lab.add_netns("local").unwrap();
+    let remote = lab.add_netns("remote").unwrap();
+    let json = [("NSM_OUTPUT", "json".to_string())];
+    mesh::spawn_nsc_sidecar(&mut lab, "nsc-local", &n2, &local, "kernel://go-eth/nsm-1", &json).unwrap();
+    mesh::spawn_nsc_sidecar(&mut lab, "nsc-remote", &n1, &remote, "kernel://go-eth/nsm-1,kernel://go-ip/nsm-2", &json)
+        .unwrap();
+    for (daemon, pod, nses) in [("nsc-local", &local, vec![&eth]), ("nsc-remote", &remote, vec![&eth, &ip])] {
+        let first = gopeers::wait_line(&mut lab, daemon, "{", Duration::from_secs(30)).await.unwrap();
+        let log = std::fs::read_to_string(lab.dir().join(format!("{daemon}.log"))).unwrap();
+        let lines: Vec<&str> = log.lines().filter(|l| l.starts_with('{')).collect();
+        assert!(lines[0].ends_with(&first));
+        assert_eq!(lines.len(), nses.len(), "{daemon}: {log}");
+        for (line, nse) in lines.iter().zip(nses) {
+            let s: mesh::NscSummary = serde_json::from_str(line).unwrap();
+            assert_eq!(s.path.last(), Some(&nse.name), "{:?}", s.path);
+            let (ok, out) = ping(&lab, pod, &s.interface, &ip_of(&s.dst_ips[0]), 2).unwrap();
+            assert!(ok, "{daemon} -> Go endpoint {}: {out}", nse.name);
+        }
+    }
+    assert_eq!(links(&lab, &eth.netns).unwrap().len(), 2, "two connections into the Go endpoint");
+    lab.stop("nsc-local", Duration::from_secs(10)).unwrap();
+    lab.stop("nsc-remote", Duration::from_secs(10)).unwrap();
+    assert_clean(&lab, &[&local, &remote, &eth.netns, &ip.netns], &[&n1, &n2]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_sdk_endpoint_whose_socket_nobody_else_sees_is_reached_through_its_passed_fd() {
+    let mut lab = mesh::test_lab("gofd");
+    let node = mesh::start_node(&mut lab, "node1", &NodeOpts::default()).await.unwrap();
+    let go = gopeers::start_go_nse(&mut lab, &node, "gopriv", "private", "172.16.34.0/31", SocketAt::Private, &[])
+        .await
+        .unwrap();
+    assert!(
+        !std::path::Path::new(go.url.path()).exists(),
+        "{} is visible outside the endpoint's mount namespace",
+        go.url
+    );
+    // The nsmgr holds the passed socket and hands the forwarder its /proc path.
+    let reg = lab.registry(&node.nsmgr_url, Duration::from_secs(1));
+    let found = find_nses(&reg, &Context::with_timeout(Duration::from_secs(2)), by_name("gopriv")).await.unwrap();
+    assert_eq!(found.len(), 1);
+    let nsmgr_pid = lab.pid(&node.nsmgr_name).unwrap();
+    assert!(found[0].url.starts_with(&format!("unix:///proc/{nsmgr_pid}/fd/")), "{}", found[0].url);
+    let pod = lab.add_netns("pod").unwrap();
+    let r = nsc_init(&lab, &node, &pod, "kernel://private/nsm-1", &[]).unwrap();
+    assert!(r.ok, "{}", r.stderr);
+    let s = &r.summaries[0];
+    let (ok, out) = ping(&lab, &pod, &s.interface, &ip_of(&s.dst_ips[0]), 2).unwrap();
+    assert!(ok, "{out}");
+}
