@@ -143,8 +143,10 @@ async fn our_client_reaches_a_go_sdk_endpoint_on_its_node_and_across_nodes() {
     assert_clean(&lab, &[&local, &remote, &eth.netns, &ip.netns], &[&n1, &n2]).await;
 }
 
+/// grpcfd: an sdk endpoint whose socket exists only in its own mount
+/// namespace is reached through the fd it passed; our nsc passes its netns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_go_sdk_endpoint_whose_socket_nobody_else_sees_is_reached_through_its_passed_fd() {
+async fn endpoints_and_clients_pass_their_fds_as_upstream_does() {
     let mut lab = mesh::test_lab("gofd");
     let node = mesh::start_node(&mut lab, "node1", &NodeOpts::default()).await.unwrap();
     let go = gopeers::start_go_nse(&mut lab, &node, "gopriv", "private", "172.16.34.0/31", SocketAt::Private, &[])
@@ -167,4 +169,9 @@ async fn a_go_sdk_endpoint_whose_socket_nobody_else_sees_is_reached_through_its_
     let s = &r.summaries[0];
     let (ok, out) = ping(&lab, &pod, &s.interface, &ip_of(&s.dst_ips[0]), 2).unwrap();
     assert!(ok, "{out}");
+    // Our nsc passes its netns the same way: the forwarder was handed the
+    // nsmgr's kept fd, not a namespace to search every process for.
+    let at_fwd = connections(&lab, &node.forwarder_url).await.unwrap();
+    let url = at_fwd[0].mechanism.as_ref().unwrap().parameters["inodeURL"].clone();
+    assert!(url.starts_with(&format!("file:///proc/{nsmgr_pid}/fd/")), "the forwarder got {url}");
 }

@@ -46,7 +46,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use nsm_api::connection::Mechanism;
+use nsm_api::connection::{Connection, Mechanism};
 use nsm_api::mechanisms::kernel;
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_sdk::networkservice::chain::conn_mut;
@@ -238,6 +238,18 @@ impl Element for NetnsOwner {
         }
         Ok(conn)
     }
+
+    /// The Close carries the client's URL; downstream saw the kept fd's
+    /// path on Request, so it sees that on Close too.
+    async fn close(&self, ctx: &mut Context, mut conn: Connection, next: Next) -> Result<(), Status> {
+        let kept = ctx.meta.as_ref().and_then(|m| m.server_get::<KeptNetns>());
+        if let (Some(k), Some(m)) = (kept, conn.mechanism.as_mut())
+            && is_kernel(m)
+        {
+            m.parameters.insert(kernel::INODE_URL.to_string(), format!("file://{}", grpcfd::proc_path(&k.fd)));
+        }
+        next.close(ctx, conn).await
+    }
 }
 
 /// The fd of network namespace `inode` the caller passed on this
@@ -251,7 +263,6 @@ fn passed_netns(fds: Option<&FdTransfer>, inode: u64) -> Option<Arc<OwnedFd>> {
 mod tests {
     use std::collections::HashMap;
 
-    use nsm_api::connection::Connection;
     use nsm_sdk::networkservice::Chain;
     use nsm_sdk::networkservice::begin::Begin;
     use nsm_sdk::networkservice::metadata::Metadata;

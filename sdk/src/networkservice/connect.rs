@@ -148,6 +148,9 @@ impl Element for GrpcClient {
             }
         }
         let (ch, server) = self.pool.get_with_peer(&url).await?;
+        if let Some(fds) = &server.fds {
+            super::kernel::pass_own_netns(&req, fds);
+        }
         let r = self.tonic_request(&server, ctx, req)?;
         let conn =
             NetworkServiceClient::new(ch).request(r).await.map_err(|e| self.downstream_error(&url, e))?.into_inner();

@@ -2,7 +2,10 @@
 //! `sdk-kernel:pkg/kernel/networkservice/mechanisms/kernel`): the client
 //! names the network namespace its interface must land in, the endpoint
 //! names its own. Both name it by `netnsInode` and an `inodeURL` of
-//! `inode://<nsfs dev>/<ino>` (fd passing comes with grpcfd).
+//! `inode://<nsfs dev>/<ino>`; on a unix connection the client's gRPC tail
+//! also passes the namespace's fd ([`pass_own_netns`], upstream's sendfd
+//! client), which an nsmgr that resolves namespaces only by passed fds (as
+//! upstream's does) needs.
 //!
 //! # Chain placement
 //! [`KernelClient`] in a client chain before the gRPC tail; [`KernelServer`]
@@ -24,6 +27,30 @@ fn put_own_netns(m: &mut Mechanism, who: &str) -> Result<(), Status> {
     m.parameters.insert(kernel::INODE_URL.to_string(), url);
     m.parameters.insert(kernel::NETNS_INODE.to_string(), inode);
     Ok(())
+}
+
+/// Queues the fd of this thread's network namespace on `fds` when a KERNEL
+/// mechanism of `req` names it by `inode://` (what [`KernelClient`] put
+/// there); returns whether it did. Other URLs (a namespace another hop named)
+/// are left alone.
+pub fn pass_own_netns(req: &NetworkServiceRequest, fds: &crate::tools::grpcfd::FdTransfer) -> bool {
+    let Ok((own, _)) = netns::own_netns_params() else { return false };
+    let names_own = req
+        .mechanism_preferences
+        .iter()
+        .chain(req.connection.as_ref().and_then(|c| c.mechanism.as_ref()))
+        .filter(|m| m.r#type == kernel::MECHANISM)
+        .any(|m| m.parameters.get(kernel::INODE_URL) == Some(&own));
+    if !names_own {
+        return false;
+    }
+    match fds.send_path(std::path::Path::new(netns::THREAD_SELF_NETNS)) {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "not passing the client's netns fd");
+            false
+        }
+    }
 }
 
 /// Client side: adds this process's network namespace to every KERNEL
@@ -122,5 +149,21 @@ mod tests {
             c.mechanism = req.mechanism_preferences.into_iter().find(|m| m.r#type == kernel::MECHANISM);
             Ok(c)
         }
+    }
+
+    #[test]
+    fn the_client_passes_its_netns_fd_only_for_its_own_namespace() {
+        let fds = crate::tools::grpcfd::FdTransfer::default();
+        let (url, _) = netns::own_netns_params().unwrap();
+        let mut m = kernel_mech("nsm-1");
+        m.parameters.insert(kernel::INODE_URL.into(), url.clone());
+        let req = NetworkServiceRequest { connection: None, mechanism_preferences: vec![m.clone()] };
+        assert!(pass_own_netns(&req, &fds));
+        assert_eq!(fds.outgoing_len(), 1);
+        // A namespace some other hop named is not ours to pass.
+        m.parameters.insert(kernel::INODE_URL.into(), "file:///proc/1/fd/7".into());
+        let other = NetworkServiceRequest { connection: None, mechanism_preferences: vec![m] };
+        assert!(!pass_own_netns(&other, &fds));
+        assert_eq!(fds.outgoing_len(), 1);
     }
 }

@@ -74,6 +74,11 @@ impl FdTransfer {
         self.received.lock().map(|m| m.len()).unwrap_or(0)
     }
 
+    /// Number of fds queued to go out.
+    pub fn outgoing_len(&self) -> usize {
+        self.outgoing.lock().map(|q| q.len()).unwrap_or(0)
+    }
+
     /// Queues `fd` to go out with the next write on the connection.
     pub fn send(&self, fd: OwnedFd) {
         self.outgoing.lock().unwrap_or_else(|e| e.into_inner()).push(fd);
