@@ -6,6 +6,7 @@
 #   scripts/peers.sh gosdk   nsm-go-nsc and nsm-go-nse: this repo's peers/gosdk mains around the
 #                            upstream NSM Go sdk (github.com/networkservicemesh/sdk, pinned in
 #                            peers/gosdk/go.mod); rebuilt when their source changes
+#   scripts/peers.sh spire   spire-server and spire-agent (github.com/spiffe/spire)
 #   scripts/peers.sh list    the peer groups, their pinned versions and cache directories
 # The last line on stdout is the directory that holds the group's binaries; progress goes to
 # stderr. Cache: ${NSM_PEERS_DIR:-/var/cache/nsm-rs/peers}/<name>-<version>/. A group whose
@@ -28,6 +29,7 @@ ETCD_VERSION=v3.7.3  # go.etcd.io/etcd/server/v3 (kubernetes v1.37.2 uses the v3
 # upstream commands (github.com/networkservicemesh/cmd-nsc, cmd-nse-icmp-responder, cmd-nsmgr:
 # 403 for every version tried, 2026-12), nor sdk v1.15.x with its api v1.15.0; sdk and api
 # v1.14.5 are served.
+SPIRE_VERSION=v1.13.3 # github.com/spiffe/spire (served without a version list: exact version only)
 GOSDK_DIR="$(cd "$(dirname "$0")/.." && pwd)/peers/gosdk"
 
 PEERS_DIR=${NSM_PEERS_DIR:-/var/cache/nsm-rs/peers}
@@ -238,9 +240,33 @@ build_gosdk() {
   } >"$out/VERSIONS"
 }
 
+# --- group: spire (spire-server, spire-agent) -------------------------------------------------
+# build_spire OUT WORK
+build_spire() {
+  local out=$1 work=$2 dir=$2/spire
+  go_peer_module "$dir" spire
+  # No version list is served for this module, so `go install mod@version` is refused: require
+  # the exact version as tools of a throwaway module, then build them there.
+  go_peer_get "$dir" -tool "github.com/spiffe/spire/cmd/spire-server@$SPIRE_VERSION" \
+    "github.com/spiffe/spire/cmd/spire-agent@$SPIRE_VERSION"
+  # The server's SQLite datastore (mattn/go-sqlite3) needs cgo.
+  local b
+  for b in spire-server spire-agent; do
+    log "building github.com/spiffe/spire/cmd/$b (go build, cgo, under nice -n 19)"
+    # Stamp the release, as SPIRE's own build does, so --version tells the truth.
+    (cd "$dir" && GOWORK=off CGO_ENABLED=1 "${NICE[@]}" go build -trimpath \
+      -ldflags "-s -w -X github.com/spiffe/spire/pkg/common/version.gittag=${SPIRE_VERSION#v}" -o "$out/$b" \
+      "github.com/spiffe/spire/cmd/$b") || die "go build github.com/spiffe/spire/cmd/$b failed"
+  done
+  {
+    echo "github.com/spiffe/spire $SPIRE_VERSION (cmd/spire-server, cmd/spire-agent)"
+    echo "built with $(go version) on $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  } >"$out/VERSIONS"
+}
+
 # --- main -------------------------------------------------------------------------------------
 usage() {
-  sed -n '2,12s/^# \{0,1\}//p' "$0" >&2
+  sed -n '2,13s/^# \{0,1\}//p' "$0" >&2
 }
 
 main() {
@@ -251,7 +277,12 @@ main() {
   gosdk)
     ensure_group gosdk "$(gosdk_version)" build_gosdk nsm-go-nsc nsm-go-nse
     ;;
+  spire)
+    # Not used by the tests yet (real SPIRE in the lab is still to come); cold build ~12 minutes.
+    ensure_group spire "$SPIRE_VERSION" build_spire spire-server spire-agent
+    ;;
   list)
+    echo "spire github.com/spiffe/spire $SPIRE_VERSION  $PEERS_DIR/spire-$SPIRE_VERSION"
     echo "gosdk $(gosdk_version)  $PEERS_DIR/gosdk-$(gosdk_version)"
     echo "kube  k8s.io/kubernetes $KUBE_VERSION + go.etcd.io/etcd/server/v3 $ETCD_VERSION  $PEERS_DIR/kube-$KUBE_VERSION-etcd-$ETCD_VERSION"
     ;;
