@@ -35,6 +35,8 @@ use nsm_api::mechanisms::{cls, kernel};
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_sdk::networkservice::chain::conn_mut;
 use nsm_sdk::networkservice::{ConnResult, Context, Element, Next};
+use nsm_sdk::security::tls::ServerPeer;
+use nsm_sdk::tools::grpcfd;
 use nsm_sdk::tools::netns::{self, NetnsHandle};
 use rand::Rng;
 use tonic::Status;
@@ -203,6 +205,22 @@ pub async fn resolve_netns(m: &Mechanism, who: &'static str) -> Result<NetnsHand
         .map_err(|e| crate::error::netns(who, e))
 }
 
+/// Resolves the netns of the endpoint that answered with `m`: through the
+/// fd it passed with its answer when it did (upstream's sendfd server names
+/// it `inode://<dev>/<ino>`), so no process needs searching; otherwise as
+/// [`resolve_netns`].
+pub async fn resolve_endpoint_netns(m: &Mechanism, ctx: &Context) -> Result<NetnsHandle, Status> {
+    let passed =
+        m.parameters.get(kernel::INODE_URL).and_then(|u| ctx.ext.get::<ServerPeer>()?.fds.as_ref()?.for_url(u));
+    let Some(fd) = passed else { return resolve_netns(m, "endpoint").await };
+    let mut by_fd = m.clone();
+    by_fd.parameters.insert(kernel::INODE_URL.to_string(), format!("file://{}", grpcfd::proc_path(&fd)));
+    // `fd` stays open until the namespace is opened through it.
+    let h = resolve_netns(&by_fd, "endpoint").await;
+    drop(fd);
+    h
+}
+
 /// Builds (or re-checks) the wire and applies the connection context.
 async fn build(w: &Wire, conn: &Connection) -> Result<(), Status> {
     let _permit = k::BUILD_PERMITS.acquire().await.map_err(|_| Status::internal("build permits closed"))?;
@@ -250,7 +268,7 @@ impl Element for LocalKernel {
             let (outgoing, nse_if) = endpoint_answer(&res, &nse_if)?;
             let nse_ns = match &prev {
                 Some(w) if netns_key(&w.outgoing) == netns_key(&outgoing) => w.nse_ns.clone(),
-                _ => resolve_netns(&outgoing, "endpoint").await?,
+                _ => resolve_endpoint_netns(&outgoing, ctx).await?,
             };
             let wire = Wire {
                 client_ns: client_ns.clone(),

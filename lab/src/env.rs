@@ -532,6 +532,15 @@ fn sweep_uapi_sockets() -> Vec<PathBuf> {
     nsm_sdk::tools::unixsock::remove_unserved(Path::new("/var/run/wireguard"), "nsmwg-", ".sock")
 }
 
+/// True while `pid` exists and is neither a zombie nor dead, i.e. may still
+/// hold open files.
+fn holds_files(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // The state follows the parenthesised command name.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X') | None)
+}
+
 /// Removes everything a lab with `prefix` left: its recorded daemons (only
 /// if the pid still runs a binary from the recorded directory, so a reused
 /// pid is never killed: [`runs_binary_from`]), every namespace named
@@ -561,6 +570,14 @@ pub fn down(prefix: &str) -> anyhow::Result<DownReport> {
             if runs_binary_from(*pid, &st.bin_dir) {
                 let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
             }
+        }
+        // A dying process stops showing its executable before it closes its
+        // files: wait until every recorded one has released its sockets
+        // (gone or a zombie), or the sweep below sees a dying forwarder's
+        // UAPI socket as served.
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(2) && st.pids.iter().any(|(_, p)| holds_files(*p)) {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
     rep.sockets = sweep_uapi_sockets();

@@ -138,6 +138,14 @@ async fn our_client_reaches_a_go_sdk_endpoint_on_its_node_and_across_nodes() {
         }
     }
     assert_eq!(links(&lab, &eth.netns).unwrap().len(), 2, "two connections into the Go endpoint");
+    // The sdk endpoint passed its netns fd with its answer (sendfd server):
+    // the forwarder opened the namespace through it instead of searching.
+    let fwd_pid = lab.pid(&n2.forwarder_name).unwrap();
+    let log = std::fs::read_to_string(lab.dir().join(format!("{}.log", n2.forwarder_name))).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("end of the tunnel ready") && l.contains(&format!(" in /proc/{fwd_pid}/fd/"))),
+        "{log}"
+    );
     lab.stop("nsc-local", Duration::from_secs(10)).unwrap();
     lab.stop("nsc-remote", Duration::from_secs(10)).unwrap();
     assert_clean(&lab, &[&local, &remote, &eth.netns, &ip.netns], &[&n1, &n2]).await;

@@ -26,7 +26,7 @@ use super::{Remote, built_failed};
 use crate::alloc::VniLease;
 use crate::ipcontext::{self, End};
 use crate::kernel::{self as k, KernelError, VxlanSpec};
-use crate::local::{endpoint_answer, endpoint_request, netns_key, resolve_netns, stable_ifname};
+use crate::local::{endpoint_answer, endpoint_request, netns_key, resolve_endpoint_netns, stable_ifname};
 use crate::wireguard::KeyPair;
 
 impl Remote {
@@ -161,7 +161,7 @@ impl Remote {
             let (nse_mech, nse_if) = endpoint_answer(&res, &nse_if)?;
             let nse_ns = match &prev {
                 Some(p) if p.nse_mech.as_ref().map(netns_key) == Some(netns_key(&nse_mech)) => p.pod_ns.clone(),
-                _ => resolve_netns(&nse_mech, "endpoint").await?,
+                _ => resolve_endpoint_netns(&nse_mech, ctx).await?,
             };
             let ip = res.context.as_ref().and_then(|c| c.ip_context.clone()).unwrap_or_default();
             ipcontext::validate(&ip)?;
