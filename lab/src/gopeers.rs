@@ -22,6 +22,15 @@ use crate::spire;
 /// when set (`scripts/test.sh` sets it), else what `scripts/peers.sh gosdk`
 /// prints (it builds them on first use, then answers from its cache).
 pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(d) = DIR.get() {
+        return Ok(d.clone());
+    }
+    let d = find_bin_dir()?;
+    Ok(DIR.get_or_init(|| d).clone())
+}
+
+fn find_bin_dir() -> anyhow::Result<PathBuf> {
     if let Some(d) = std::env::var_os("NSM_GOSDK_BIN_DIR") {
         return Ok(PathBuf::from(d));
     }

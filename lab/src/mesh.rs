@@ -379,6 +379,24 @@ pub async fn connections(lab: &Lab, url: &Url) -> anyhow::Result<Vec<Connection>
     Ok(ev.connections.into_values().collect())
 }
 
+/// Nothing of any connection is left: no interfaces in `pods`, no tunnel
+/// devices in the node namespaces (only their `eth0` underlay), and no
+/// connection at any node's nsmgr or forwarder (each waited for up to 5 s).
+pub async fn assert_clean(lab: &Lab, pods: &[&str], nodes: &[&Node]) {
+    for p in pods {
+        let left = || links(lab, p).unwrap_or_default();
+        wait_until(Duration::from_secs(5), || left().is_empty(), || format!("{p} still has {:?}", left())).await;
+    }
+    for n in nodes {
+        let extra: Vec<String> = links(lab, &n.netns).unwrap_or_default().into_iter().filter(|l| l != "eth0").collect();
+        assert!(extra.is_empty(), "tunnel devices left in {}: {extra:?}", n.netns);
+        for u in [&n.nsmgr_url, &n.forwarder_url] {
+            let what = format!("{u} reports no connection");
+            eventually(&what, Duration::from_secs(5), || async { Ok(connections(lab, u).await?.is_empty()) }).await;
+        }
+    }
+}
+
 /// Interface names in `netns` (besides `lo`).
 pub fn links(lab: &Lab, netns: &str) -> anyhow::Result<Vec<String>> {
     let out = lab.exec(netns, &["ip", "-o", "link", "show"], Duration::from_secs(5))?;

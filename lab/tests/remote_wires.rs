@@ -16,7 +16,7 @@ use nsm_api::registry::NetworkServiceEndpoint;
 use nsm_lab::cluster;
 use nsm_lab::env::Lab;
 use nsm_lab::mesh::{
-    self, NodeOpts, NscSummary, connections, df_ping, eventually, ip_of, link_kind, links, nsc_init, ping, wait_until,
+    self, NodeOpts, NscSummary, connections, df_ping, ip_of, link_kind, links, nsc_init, ping, wait_until,
 };
 use nsm_sdk::networkservice::chain::{Context, Peer};
 use nsm_sdk::registry::{NseRegistry, find_nses};
@@ -47,22 +47,6 @@ fn check_wire(lab: &Lab, client: &str, nse_ns: &str, s: &NscSummary, kind: &str,
     assert!(df_ping(lab, client, &s.interface, &dst, mtu - 28).unwrap(), "MTU-sized DF ping over {kind}");
     assert!(!df_ping(lab, client, &s.interface, &dst, mtu - 27).unwrap(), "MTU+1 must fail cleanly");
     nse_if
-}
-
-/// Nothing of the connection is left: pod interfaces, tunnel devices in the
-/// node namespaces, connection state at every hop.
-async fn assert_clean(lab: &Lab, pods: &[&str], nodes: &[&mesh::Node]) {
-    for p in pods {
-        let left = || links(lab, p).unwrap();
-        wait_until(Duration::from_secs(5), || left().is_empty(), || format!("{p} still has {:?}", left())).await;
-    }
-    for n in nodes {
-        assert_eq!(links(lab, &n.netns).unwrap(), ["eth0"], "tunnel devices left in {}", n.netns);
-        for u in [&n.nsmgr_url, &n.forwarder_url] {
-            let what = format!("{u} reports no connection");
-            eventually(&what, Duration::from_secs(5), || async { Ok(connections(lab, u).await?.is_empty()) }).await;
-        }
-    }
 }
 
 fn wg_socket(forwarder_conn_id: &str) -> std::path::PathBuf {
@@ -177,7 +161,7 @@ async fn cross_cluster_wireguard_and_vxlan_then_close() {
 
     // Close (SIGTERM to the client): nothing is left anywhere.
     lab.stop("client", Duration::from_secs(5)).unwrap();
-    assert_clean(&lab, &[&pod, &ipn.netns, &eth.netns], &[&a, &b]).await;
+    mesh::assert_clean(&lab, &[&pod, &ipn.netns, &eth.netns], &[&a, &b]).await;
     for id in &wg_ids {
         assert!(!wg_socket(id).exists(), "UAPI socket {} left behind", wg_socket(id).display());
     }
@@ -368,7 +352,7 @@ async fn bad_remote_input_is_refused_and_nothing_is_built() {
     holder.wait().unwrap();
     assert!(!r.ok);
     assert!(r.stderr.contains("4789"), "{}", r.stderr);
-    assert_clean(&lab, &[&pod, &e.netns, &e2.netns], &[&n1, &n2]).await;
+    mesh::assert_clean(&lab, &[&pod, &e.netns, &e2.netns], &[&n1, &n2]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -408,5 +392,5 @@ async fn restarted_forwarder_adopts_an_ip_vxlan_wire() {
     let (ok, out) = ping(&lab, &pod, "nsm-1", "172.16.60.0", 2).unwrap();
     assert!(ok, "after adoption: {out}");
     lab.stop("client", Duration::from_secs(5)).unwrap();
-    assert_clean(&lab, &[&pod], &[&n1, &n2]).await;
+    mesh::assert_clean(&lab, &[&pod], &[&n1, &n2]).await;
 }

@@ -66,6 +66,13 @@ struct KeptNetns {
     fd: Arc<OwnedFd>,
 }
 
+impl KeptNetns {
+    /// The `inodeURL` the forwarder gets: the nsmgr's own path to the fd.
+    fn url(&self) -> String {
+        format!("file://{}", grpcfd::proc_path(&self.fd))
+    }
+}
+
 /// What to do when the caller's pid is not visible to the nsmgr.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Verify {
@@ -207,7 +214,7 @@ impl Element for NetnsOwner {
                     kept = Some(KeptNetns { inode: c.inode, fd });
                 }
                 if let Some(k) = kept.as_ref().filter(|k| k.inode == c.inode) {
-                    let ours = format!("file://{}", grpcfd::proc_path(&k.fd));
+                    let ours = k.url();
                     if let Some(theirs) = m.parameters.insert(kernel::INODE_URL.to_string(), ours.clone()) {
                         swapped = Some((ours, theirs));
                     }
@@ -246,7 +253,7 @@ impl Element for NetnsOwner {
         if let (Some(k), Some(m)) = (kept, conn.mechanism.as_mut())
             && is_kernel(m)
         {
-            m.parameters.insert(kernel::INODE_URL.to_string(), format!("file://{}", grpcfd::proc_path(&k.fd)));
+            m.parameters.insert(kernel::INODE_URL.to_string(), k.url());
         }
         next.close(ctx, conn).await
     }

@@ -201,8 +201,6 @@ impl NseRegistry for NseRelay {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::OpenOptionsExt;
-
     use nsm_sdk::registry::find_nses;
     use nsm_sdk::registry::memory::MemoryRegistry;
 
@@ -291,10 +289,9 @@ mod tests {
     /// `inode://` URL that names the socket.
     fn passing(path: &std::path::Path) -> (Context, String) {
         let fds = Arc::new(grpcfd::FdTransfer::default());
-        let f =
-            std::fs::OpenOptions::new().read(true).custom_flags(nix::fcntl::OFlag::O_PATH.bits()).open(path).unwrap();
-        let url = grpcfd::inode_url(grpcfd::file_id(&f).unwrap());
-        fds.accept(f.into());
+        let (fd, id) = grpcfd::open_path(path).unwrap();
+        fds.accept(fd);
+        let url = grpcfd::inode_url(id);
         let mut ctx = Context::default();
         ctx.peer.fds = Some(fds);
         (ctx, url)

@@ -21,9 +21,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
-	"os/signal"
 	"strings"
-	"syscall"
 
 	"github.com/networkservicemesh/api/pkg/api/networkservice"
 	"github.com/networkservicemesh/sdk/pkg/networkservice/chains/client"
@@ -37,11 +35,8 @@ import (
 )
 
 func main() {
-	// The client chain lives past the signal, so it can still Close.
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, stop, cancel := peer.Contexts()
 	defer cancel()
-	stop, stopped := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
-	defer stopped()
 
 	services := peer.Env("NSM_NETWORK_SERVICES", "")
 	if services == "" {

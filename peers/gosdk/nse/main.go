@@ -24,10 +24,8 @@ import (
 	"net"
 	"net/url"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/networkservicemesh/api/pkg/api/networkservice"
@@ -52,12 +50,8 @@ import (
 )
 
 func main() {
-	// Server and registry clients live past the signal, so it can still
-	// unregister.
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, stop, cancel := peer.Contexts()
 	defer cancel()
-	stop, stopped := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
-	defer stopped()
 
 	name := peer.Env("NSM_NAME", "icmp-server")
 	connectTo := peer.URL("NSM_CONNECT_TO", "unix:///var/lib/networkservicemesh/nsm.io.sock")

@@ -12,6 +12,9 @@
 //!   connection, and forwards the call with the remaining deadline and this
 //!   hop's token. If the URL changed since the last Request, the old
 //!   downstream connection is closed first (best effort).
+//! - On a unix connection, the files an element asked to pass
+//!   ([`PassFiles`](crate::tools::grpcfd::PassFiles) in `ctx.ext`) go with
+//!   the call as fds (grpcfd); a file that cannot be opened is not passed.
 //! - Downstream errors keep their gRPC code; the message is prefixed with
 //!   the URL that failed.
 //!
@@ -32,6 +35,7 @@ use url::Url;
 use super::chain::{Chain, ConnResult, Context, Element, Next};
 use crate::security::tls::ServerPeer;
 use crate::tools::grpc::ChannelPool;
+use crate::tools::grpcfd::PassFiles;
 use crate::tools::token::{self, SharedTokenGenerator};
 
 /// Default budget for a downstream call when the caller set no deadline.
@@ -148,8 +152,12 @@ impl Element for GrpcClient {
             }
         }
         let (ch, server) = self.pool.get_with_peer(&url).await?;
-        if let Some(fds) = &server.fds {
-            super::kernel::pass_own_netns(&req, fds);
+        if let (Some(fds), Some(files)) = (&server.fds, ctx.ext.get::<PassFiles>()) {
+            for f in &files.0 {
+                if let Err(e) = fds.send_path(f) {
+                    tracing::debug!(error = %e, "not passing a file with the request");
+                }
+            }
         }
         let r = self.tonic_request(&server, ctx, req)?;
         let conn =

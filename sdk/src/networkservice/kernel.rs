@@ -2,10 +2,10 @@
 //! `sdk-kernel:pkg/kernel/networkservice/mechanisms/kernel`): the client
 //! names the network namespace its interface must land in, the endpoint
 //! names its own. Both name it by `netnsInode` and an `inodeURL` of
-//! `inode://<nsfs dev>/<ino>`; on a unix connection the client's gRPC tail
-//! also passes the namespace's fd ([`pass_own_netns`], upstream's sendfd
-//! client), which an nsmgr that resolves namespaces only by passed fds (as
-//! upstream's does) needs.
+//! `inode://<nsfs dev>/<ino>`; the client also asks its gRPC tail to pass
+//! the namespace's fd ([`PassFiles`], upstream's sendfd client), which an
+//! nsmgr that resolves namespaces only by passed fds (as upstream's does)
+//! needs.
 //!
 //! # Chain placement
 //! [`KernelClient`] in a client chain before the gRPC tail; [`KernelServer`]
@@ -18,6 +18,7 @@ use nsm_api::networkservice::NetworkServiceRequest;
 use tonic::Status;
 
 use super::chain::{ConnResult, Context, Element, Next, conn_mut};
+use crate::tools::grpcfd::PassFiles;
 use crate::tools::netns;
 
 /// Writes this process's network namespace into `m`.
@@ -27,30 +28,6 @@ fn put_own_netns(m: &mut Mechanism, who: &str) -> Result<(), Status> {
     m.parameters.insert(kernel::INODE_URL.to_string(), url);
     m.parameters.insert(kernel::NETNS_INODE.to_string(), inode);
     Ok(())
-}
-
-/// Queues the fd of this thread's network namespace on `fds` when a KERNEL
-/// mechanism of `req` names it by `inode://` (what [`KernelClient`] put
-/// there); returns whether it did. Other URLs (a namespace another hop named)
-/// are left alone.
-pub fn pass_own_netns(req: &NetworkServiceRequest, fds: &crate::tools::grpcfd::FdTransfer) -> bool {
-    let Ok((own, _)) = netns::own_netns_params() else { return false };
-    let names_own = req
-        .mechanism_preferences
-        .iter()
-        .chain(req.connection.as_ref().and_then(|c| c.mechanism.as_ref()))
-        .filter(|m| m.r#type == kernel::MECHANISM)
-        .any(|m| m.parameters.get(kernel::INODE_URL) == Some(&own));
-    if !names_own {
-        return false;
-    }
-    match fds.send_path(std::path::Path::new(netns::THREAD_SELF_NETNS)) {
-        Ok(_) => true,
-        Err(e) => {
-            tracing::debug!(error = %e, "not passing the client's netns fd");
-            false
-        }
-    }
 }
 
 /// Client side: adds this process's network namespace to every KERNEL
@@ -68,8 +45,13 @@ impl Element for KernelClient {
             .iter_mut()
             .chain(req.connection.as_mut().and_then(|c| c.mechanism.as_mut()))
             .filter(|m| m.r#type == kernel::MECHANISM);
+        let mut any = false;
         for m in mechs {
             put_own_netns(m, "the client")?;
+            any = true;
+        }
+        if any {
+            ctx.ext.get_or_insert_default::<PassFiles>().0.push(netns::THREAD_SELF_NETNS.into());
         }
         next.request(ctx, req).await
     }
@@ -151,19 +133,27 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_client_passes_its_netns_fd_only_for_its_own_namespace() {
-        let fds = crate::tools::grpcfd::FdTransfer::default();
-        let (url, _) = netns::own_netns_params().unwrap();
-        let mut m = kernel_mech("nsm-1");
-        m.parameters.insert(kernel::INODE_URL.into(), url.clone());
-        let req = NetworkServiceRequest { connection: None, mechanism_preferences: vec![m.clone()] };
-        assert!(pass_own_netns(&req, &fds));
-        assert_eq!(fds.outgoing_len(), 1);
-        // A namespace some other hop named is not ours to pass.
-        m.parameters.insert(kernel::INODE_URL.into(), "file:///proc/1/fd/7".into());
-        let other = NetworkServiceRequest { connection: None, mechanism_preferences: vec![m] };
-        assert!(!pass_own_netns(&other, &fds));
-        assert_eq!(fds.outgoing_len(), 1);
+    /// Records what the client asked its gRPC tail to pass.
+    struct Passed(std::sync::Mutex<Vec<std::path::PathBuf>>);
+
+    #[async_trait]
+    impl Element for Passed {
+        async fn request(&self, ctx: &mut Context, req: NetworkServiceRequest, _next: Next) -> ConnResult {
+            *self.0.lock().unwrap() = ctx.ext.get::<PassFiles>().map(|p| p.0.clone()).unwrap_or_default();
+            Ok(req.connection.unwrap_or_default())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_client_asks_to_pass_its_netns_fd_only_with_a_kernel_mechanism() {
+        let passed = Arc::new(Passed(Default::default()));
+        let chain = Chain::new(vec![Arc::new(KernelClient), passed.clone()]);
+        let req = |m: Mechanism| NetworkServiceRequest { connection: None, mechanism_preferences: vec![m] };
+        chain.request(&mut Context::default(), req(kernel_mech("nsm-1"))).await.unwrap();
+        assert_eq!(*passed.0.lock().unwrap(), [std::path::PathBuf::from(netns::THREAD_SELF_NETNS)]);
+        let mut vxlan = kernel_mech("nsm-1");
+        vxlan.r#type = "VXLAN".into();
+        chain.request(&mut Context::default(), req(vxlan)).await.unwrap();
+        assert!(passed.0.lock().unwrap().is_empty(), "nothing to pass without a KERNEL mechanism");
     }
 }

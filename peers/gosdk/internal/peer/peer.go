@@ -15,7 +15,9 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"os/signal"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/edwarnicke/grpcfd"
@@ -27,6 +29,15 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 )
+
+// Contexts returns the program's context, which outlives the signal so the
+// chains built on it can still Close and Unregister, and one that is done on
+// SIGTERM or SIGINT; cancel ends both.
+func Contexts() (ctx, stop context.Context, cancel func()) {
+	ctx, cancelCtx := context.WithCancel(context.Background())
+	stop, stopped := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	return ctx, stop, func() { stopped(); cancelCtx() }
+}
 
 // Env returns the variable's value, or def when it is unset or empty.
 func Env(name, def string) string {

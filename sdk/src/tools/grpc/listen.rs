@@ -11,14 +11,13 @@ use std::time::Duration;
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-
-use crate::tools::grpcfd::FdStream;
 use tonic::transport::server::Connected;
 use url::Url;
 
 use super::url::{Error, tcp_authority};
 use crate::networkservice::chain::Peer;
 use crate::security::tls::{Tls, peer_identity};
+use crate::tools::grpcfd::FdStream;
 
 /// A connection accepted on a unix or TCP listener.
 pub enum Io {

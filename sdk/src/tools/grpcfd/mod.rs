@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -34,6 +34,11 @@ use rustix::net::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::UnixStream;
+
+/// Files a client chain element asks the gRPC tail to pass with this call
+/// (in `Context::ext`); passed only on a unix connection, ignored on TCP.
+#[derive(Clone, Debug, Default)]
+pub struct PassFiles(pub Vec<std::path::PathBuf>);
 
 /// At most this many fds per message, as upstream.
 pub const MAX_FDS: usize = 64;
@@ -74,11 +79,6 @@ impl FdTransfer {
         self.received.lock().map(|m| m.len()).unwrap_or(0)
     }
 
-    /// Number of fds queued to go out.
-    pub fn outgoing_len(&self) -> usize {
-        self.outgoing.lock().map(|q| q.len()).unwrap_or(0)
-    }
-
     /// Queues `fd` to go out with the next write on the connection.
     pub fn send(&self, fd: OwnedFd) {
         self.outgoing.lock().unwrap_or_else(|e| e.into_inner()).push(fd);
@@ -87,13 +87,8 @@ impl FdTransfer {
     /// Opens `path` (`O_PATH`, so sockets and namespace files work), queues
     /// it, and returns the `inode://` URL that names it.
     pub fn send_path(&self, path: &Path) -> std::io::Result<String> {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::fcntl::OFlag::O_PATH.bits())
-            .open(path)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("opening {} to pass it: {e}", path.display())))?;
-        let id = file_id(&f)?;
-        self.send(OwnedFd::from(f));
+        let (fd, id) = open_path(path)?;
+        self.send(fd);
         Ok(inode_url(id))
     }
 
@@ -132,9 +127,16 @@ pub fn file_id(fd: &impl AsFd) -> std::io::Result<FileId> {
     Ok((st.st_dev as u64, st.st_ino))
 }
 
-/// `(st_dev, st_ino)` of the file at `path` (following symlinks).
-pub fn path_id(path: &Path) -> std::io::Result<FileId> {
-    std::fs::metadata(path).map(|m| (m.dev(), m.ino()))
+/// Opens `path` as a file to pass (`O_PATH`, so sockets and namespace
+/// files work) and returns it with its identity.
+pub fn open_path(path: &Path) -> std::io::Result<(OwnedFd, FileId)> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_PATH.bits())
+        .open(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("opening {} to pass it: {e}", path.display())))?;
+    let id = file_id(&f)?;
+    Ok((f.into(), id))
 }
 
 /// `inode://<dev>/<ino>`.

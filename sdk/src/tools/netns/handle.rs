@@ -194,11 +194,17 @@ fn probe_setns(file: &File, shown: &str) -> Result<(), NetnsError> {
     }
 }
 
-/// The device number of nsfs.
+/// The device number of nsfs (the same for every namespace file until
+/// reboot: read once).
 pub fn nsfs_dev() -> Result<u64, NetnsError> {
-    std::fs::metadata("/proc/self/ns/net")
+    static DEV: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if let Some(d) = DEV.get() {
+        return Ok(*d);
+    }
+    let d = std::fs::metadata("/proc/self/ns/net")
         .map(|m| m.dev())
-        .map_err(|source| NetnsError::Open { path: "/proc/self/ns/net".into(), source })
+        .map_err(|source| NetnsError::Open { path: "/proc/self/ns/net".into(), source })?;
+    Ok(*DEV.get_or_init(|| d))
 }
 
 /// The inode of the file at `path` (following symlinks, so
