@@ -278,7 +278,7 @@ main() {
     ensure_group gosdk "$(gosdk_version)" build_gosdk nsm-go-nsc nsm-go-nse
     ;;
   spire)
-    # Not used by the tests yet (real SPIRE in the lab is still to come); cold build ~12 minutes.
+    # The lab's SPIRE provider (nsm-lab run --spire, the tests on real SPIRE); cold build ~12 min.
     ensure_group spire "$SPIRE_VERSION" build_spire spire-server spire-agent
     ;;
   list)

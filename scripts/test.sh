@@ -14,6 +14,10 @@ export NSM_KUBE_BIN_DIR
 # interop tests run beside ours; built from peers/gosdk on first use, cached.
 NSM_GOSDK_BIN_DIR=$(scripts/peers.sh gosdk | tail -n 1)
 export NSM_GOSDK_BIN_DIR
+# SPIRE (spire-server, spire-agent) for the tests that take their SVIDs from
+# real SPIRE; built from the pinned module on first use (~12 min), cached.
+NSM_SPIRE_BIN_DIR=$(scripts/peers.sh spire | tail -n 1)
+export NSM_SPIRE_BIN_DIR
 before=$(ip netns list 2>/dev/null | awk '{print $1}' | sort)
 # The integration tests run the workspace binaries, so build them first.
 cargo build --workspace --bins

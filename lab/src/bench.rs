@@ -311,7 +311,7 @@ fn setup_row(
 ) -> anyhow::Result<Setup> {
     crate::say_part!("  {name}, {} ... ", if concurrency > 1 { "concurrent" } else { "sequential" });
     let mut cmd = Command::new("ip");
-    cmd.envs(crate::spire::env(lab, node.cluster))
+    cmd.envs(crate::identity::env(lab, node))
         .args(["netns", "exec", pod])
         .arg(lab.bin("nsm-lab"))
         .args(["bench-client", "--connect-to", node.nsmgr_url.as_str(), "--service", service])

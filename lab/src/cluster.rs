@@ -66,7 +66,7 @@ pub async fn build(lab: &mut Lab, clusters: u8, nodes: u8, opts: &NodeOpts) -> a
         bail!("a lab topology has 1-9 clusters of 1-9 nodes");
     }
     if !opts.insecure {
-        crate::spire::ensure(lab, clusters, &opts.svid_ttl).await?;
+        crate::identity::ensure(lab, clusters, opts.identity, &opts.svid_ttl).await?;
     }
     let router = lab.add_netns("router")?;
     lab.exec(&router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"], Duration::from_secs(5))?;

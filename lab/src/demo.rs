@@ -26,10 +26,23 @@ pub struct DemoOpts {
     pub keep: bool,
     /// Log level of the daemons.
     pub log_level: String,
+    /// Who issues the SVIDs: `nsm-spiffe-dev` (default) or real SPIRE.
+    pub identity: crate::identity::Provider,
 }
 
 fn step(n: usize, total: usize, what: &str) {
     crate::say_part!("[{n}/{total}] {what} ... ");
+}
+
+/// Who issued the SVIDs, as the demo reports it.
+fn issuer(p: crate::identity::Provider) -> String {
+    match p {
+        crate::identity::Provider::Dev => "nsm-spiffe-dev".to_string(),
+        crate::identity::Provider::Spire => match crate::identity::spire::version() {
+            Ok(v) => format!("SPIRE {v} (a server per trust domain, an agent per node)"),
+            Err(_) => "SPIRE".to_string(),
+        },
+    }
 }
 
 /// One endpoint of the demo.
@@ -115,7 +128,7 @@ pub async fn run(lab: &mut Lab, opts: &DemoOpts) -> anyhow::Result<()> {
 
     step(1, total, "2 clusters x 2 nodes and a router (underlay 10.1.0.0/24, 10.2.0.0/24): registry, nsmgr, forwarder");
     let t0 = Instant::now();
-    let node_opts = NodeOpts { log_level: opts.log_level.clone(), ..Default::default() };
+    let node_opts = NodeOpts { log_level: opts.log_level.clone(), identity: opts.identity, ..Default::default() };
     let topo: Topology = cluster::build(lab, 2, 2, &node_opts).await?;
     crate::say!("up ({} ms)", t0.elapsed().as_millis());
 
@@ -192,11 +205,12 @@ pub async fn run(lab: &mut Lab, opts: &DemoOpts) -> anyhow::Result<()> {
         let (s, _) = &rows[2];
         crate::say!();
         crate::say!(
-            "Identities along {} ({}): mutual TLS on every hop, SVIDs from nsm-spiffe-dev, trust domains {} and {} (federated); each hop's token is ES256-signed with its SVID and checked by the next hop's policies",
+            "Identities along {} ({}): mutual TLS on every hop, SVIDs from {}, trust domains {} and {} (federated); each hop's token is ES256-signed with its SVID and checked by the next hop's policies",
             s.interface,
             s.network_service,
-            crate::spire::trust_domain(1),
-            crate::spire::trust_domain(2)
+            issuer(opts.identity),
+            crate::identity::trust_domain(1),
+            crate::identity::trust_domain(2)
         );
         for (name, id) in s.path.iter().zip(&s.spiffe_ids) {
             crate::say!("  {name:<16} {id}");

@@ -45,6 +45,17 @@ struct State {
     pids: Vec<(String, u32)>,
     netns: Vec<String>,
     bin_dir: PathBuf,
+    /// Directories of peer binaries the lab runs besides its own (SPIRE,
+    /// the Go sdk peers), see [`Lab::add_peer_dir`].
+    #[serde(default)]
+    peer_dirs: Vec<PathBuf>,
+}
+
+impl State {
+    /// True if recorded pid `pid` still runs one of the lab's programs.
+    fn ours(&self, pid: u32) -> bool {
+        std::iter::once(&self.bin_dir).chain(&self.peer_dirs).any(|d| runs_binary_from(pid, d))
+    }
 }
 
 /// A lab: namespaces and processes under one prefix.
@@ -54,11 +65,12 @@ pub struct Lab {
     bin_dir: PathBuf,
     netns: Vec<String>,
     procs: Vec<Proc>,
+    peer_dirs: Vec<PathBuf>,
     keep: bool,
     detach: bool,
     torn_down: bool,
-    /// The dev Workload API servers and the lab's own SVID (mTLS labs).
-    pub(crate) spire: Option<crate::spire::Spire>,
+    /// The identity provider and the lab's own SVID (mTLS labs).
+    pub(crate) identities: Option<crate::identity::Identities>,
 }
 
 /// Where the workspace binaries are: next to the running executable, or
@@ -119,19 +131,20 @@ impl Lab {
             bin_dir,
             netns: vec![],
             procs: vec![],
+            peer_dirs: vec![],
             keep: false,
             detach: false,
             torn_down: false,
-            spire: None,
+            identities: None,
         };
         lab.save()?;
         Ok(lab)
     }
 
-    /// The lab's own SVID source (None until [`crate::spire::ensure`] ran,
+    /// The lab's own SVID source (None until [`crate::identity::ensure`] ran,
     /// or in a plaintext lab).
     pub fn tls(&self) -> Option<&std::sync::Arc<nsm_sdk::security::tls::Tls>> {
-        self.spire.as_ref().map(|s| &s.tls)
+        self.identities.as_ref().map(|s| &s.tls)
     }
 
     /// A channel pool for the lab's own gRPC clients (mTLS when the lab has
@@ -189,6 +202,7 @@ impl Lab {
             pids: self.procs.iter().map(|p| (p.name.clone(), p.child.id())).collect(),
             netns: self.netns.clone(),
             bin_dir: self.bin_dir.clone(),
+            peer_dirs: self.peer_dirs.clone(),
         };
         let p = self.dir.join("state.json");
         fs::write(&p, serde_json::to_vec_pretty(&st)?).with_context(|| format!("writing {}", p.display()))
@@ -202,6 +216,17 @@ impl Lab {
         self.save()?;
         run_ok(Command::new("ip").args(["-n", &full, "link", "set", "lo", "up"]))?;
         Ok(full)
+    }
+
+    /// Declares `dir` a directory of peer programs the lab runs (it holds
+    /// nothing else): `nsm-lab down` then also stops recorded daemons
+    /// running a program from there.
+    pub fn add_peer_dir(&mut self, dir: &Path) -> anyhow::Result<()> {
+        if !self.peer_dirs.iter().any(|d| d == dir) {
+            self.peer_dirs.push(dir.to_path_buf());
+            self.save()?;
+        }
+        Ok(())
     }
 
     /// Path of a workspace binary.
@@ -513,7 +538,7 @@ fn read_state(prefix: &str) -> Option<State> {
 /// and binary directory).
 fn running_daemons(prefix: &str) -> Vec<String> {
     let Some(st) = read_state(prefix) else { return vec![] };
-    st.pids.iter().filter(|(_, pid)| runs_binary_from(*pid, &st.bin_dir)).map(|(n, p)| format!("{n} pid {p}")).collect()
+    st.pids.iter().filter(|(_, pid)| st.ours(*pid)).map(|(n, p)| format!("{n} pid {p}")).collect()
 }
 
 /// What [`down`] removed.
@@ -550,24 +575,19 @@ pub fn down(prefix: &str) -> anyhow::Result<DownReport> {
     let mut rep = DownReport::default();
     let dir = Path::new(STATE_ROOT).join(prefix);
     if let Some(st) = read_state(prefix) {
-        let ours: Vec<(u32, String)> = st
-            .pids
-            .iter()
-            .rev()
-            .filter(|(_, pid)| runs_binary_from(*pid, &st.bin_dir))
-            .map(|(n, p)| (*p, n.clone()))
-            .collect();
+        let ours: Vec<(u32, String)> =
+            st.pids.iter().rev().filter(|(_, pid)| st.ours(*pid)).map(|(n, p)| (*p, n.clone())).collect();
         for (pid, name) in &ours {
             let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
             rep.killed.push(name.clone());
         }
         // Give them a moment to close connections, then make sure.
         let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(3) && ours.iter().any(|(p, _)| runs_binary_from(*p, &st.bin_dir)) {
+        while t0.elapsed() < Duration::from_secs(3) && ours.iter().any(|(p, _)| st.ours(*p)) {
             std::thread::sleep(Duration::from_millis(50));
         }
         for (pid, _) in &ours {
-            if runs_binary_from(*pid, &st.bin_dir) {
+            if st.ours(*pid) {
                 let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
             }
         }

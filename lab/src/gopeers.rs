@@ -8,52 +8,20 @@
 //! `unregistered <name>`), which lands in the daemon's lab log; the helpers
 //! here wait for those lines.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
 use crate::env::Lab;
+use crate::identity;
 use crate::mesh::{Endpoint, Node, wait_registered};
-use crate::spire;
 
-/// The directory holding `nsm-go-nsc` and `nsm-go-nse`: `NSM_GOSDK_BIN_DIR`
-/// when set (`scripts/test.sh` sets it), else what `scripts/peers.sh gosdk`
-/// prints (it builds them on first use, then answers from its cache).
-pub fn bin_dir() -> anyhow::Result<PathBuf> {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    if let Some(d) = DIR.get() {
-        return Ok(d.clone());
-    }
-    let d = find_bin_dir()?;
-    Ok(DIR.get_or_init(|| d).clone())
-}
-
-fn find_bin_dir() -> anyhow::Result<PathBuf> {
-    if let Some(d) = std::env::var_os("NSM_GOSDK_BIN_DIR") {
-        return Ok(PathBuf::from(d));
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/peers.sh");
-    let out = Command::new(&script)
-        .arg("gosdk")
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!("scripts/peers.sh gosdk failed (it builds the Go sdk peers with go; see its stderr)");
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(PathBuf::from(text.lines().last().context("peers.sh printed no directory")?.trim()))
-}
-
-/// The path of Go peer `name`.
+/// The path of Go peer `name` (`nsm-go-nsc`, `nsm-go-nse`) in
+/// `NSM_GOSDK_BIN_DIR` when set (`scripts/test.sh` sets it), else where
+/// `scripts/peers.sh gosdk` puts it (it builds them on first use).
 pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let p = bin_dir()?.join(name);
-    if !p.is_file() {
-        bail!("{} is missing (run scripts/peers.sh gosdk)", p.display());
-    }
-    Ok(p)
+    nsm_sdk::testing::peers::bin("gosdk", "NSM_GOSDK_BIN_DIR", name)
 }
 
 /// Where a Go endpoint's socket lives.
@@ -88,9 +56,12 @@ pub async fn start_go_nse(
         ("NSM_CIDR_PREFIX", cidr.to_string()),
         ("TMPDIR", tmp.display().to_string()),
     ];
-    env.extend(spire::env(lab, node.cluster));
+    env.extend(identity::env(lab, node));
     env.extend(extra.iter().cloned());
     let nse = bin("nsm-go-nse")?;
+    if let Some(d) = nse.parent() {
+        lab.add_peer_dir(d)?;
+    }
     match socket {
         SocketAt::Shared => lab.spawn(name, &netns, &nse.display().to_string(), &env)?,
         SocketAt::Private => {
@@ -133,8 +104,12 @@ pub async fn start_go_nsc(
         ("NSM_CONNECT_TO", node.nsmgr_url.to_string()),
         ("NSM_NETWORK_SERVICES", nsurls.to_string()),
     ];
-    env.extend(spire::env(lab, node.cluster));
-    lab.spawn(daemon, netns, &bin("nsm-go-nsc")?.display().to_string(), &env)?;
+    env.extend(identity::env(lab, node));
+    let nsc = bin("nsm-go-nsc")?;
+    if let Some(d) = nsc.parent() {
+        lab.add_peer_dir(d)?;
+    }
+    lab.spawn(daemon, netns, &nsc.display().to_string(), &env)?;
     let mut out = vec![];
     for i in 0..nsurls.split(',').count() {
         let line = wait_line(lab, daemon, &format!("connected {name}-{i} "), Duration::from_secs(30)).await?;

@@ -38,7 +38,7 @@ pub mod cluster;
 pub mod demo;
 pub mod env;
 pub mod gopeers;
+pub mod identity;
 pub mod mesh;
-pub mod spire;
 
 pub use env::{Lab, default_bin_dir, down};

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use nsm_lab::bench::BenchOpts;
 use nsm_lab::demo::{self, DemoOpts};
+use nsm_lab::identity::Provider;
 use nsm_lab::{Lab, default_bin_dir, down};
 use nsm_sdk::tools::daemon::shutdown_signal;
 
@@ -37,6 +38,13 @@ enum Cmd {
         /// Log level of the daemons (logs go to /run/nsm-lab/<prefix>/*.log).
         #[arg(long, default_value = "INFO")]
         log_level: String,
+        /// Take the SVIDs from real SPIRE (a spire-server per trust domain,
+        /// federated; a spire-agent per node, join-token attested) instead
+        /// of nsm-spiffe-dev. Needs spire-server and spire-agent: in
+        /// $NSM_SPIRE_BIN_DIR, else built by scripts/peers.sh spire (Go; a
+        /// cold build takes about 12 minutes, then it is cached).
+        #[arg(long)]
+        spire: bool,
     },
     /// Remove a kept (or crashed) lab: its processes, namespaces and state.
     Down,
@@ -75,7 +83,7 @@ enum Cmd {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cli: Cli = nsm_sdk::tools::daemon::parse_or_exit();
-    let cmd = cli.cmd.unwrap_or(Cmd::Run { keep: false, log_level: "INFO".into() });
+    let cmd = cli.cmd.unwrap_or(Cmd::Run { keep: false, log_level: "INFO".into(), spire: false });
     match cmd {
         Cmd::Down => match down(&cli.prefix) {
             Ok(r) => {
@@ -92,8 +100,9 @@ async fn main() {
                 std::process::exit(1);
             }
         },
-        Cmd::Run { keep, log_level } => {
-            let code = run(&cli.prefix, DemoOpts { keep, log_level }).await;
+        Cmd::Run { keep, log_level, spire } => {
+            let identity = if spire { Provider::Spire } else { Provider::Dev };
+            let code = run(&cli.prefix, DemoOpts { keep, log_level, identity }).await;
             std::process::exit(code);
         }
         Cmd::Bench { seconds, connections, output, insecure } => {

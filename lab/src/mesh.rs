@@ -17,7 +17,7 @@ use nsm_sdk::tools::grpc::parse_url;
 use url::Url;
 
 use crate::env::Lab;
-use crate::spire;
+use crate::identity::{self, Provider};
 
 /// A node: its namespace and the sockets of its nsmgr and forwarder.
 #[derive(Clone, Debug)]
@@ -79,6 +79,9 @@ pub struct NodeOpts {
     /// Plaintext gRPC, no identities (`NSM_INSECURE=true` everywhere).
     /// Default: mutual TLS with SVIDs from the lab's dev Workload API.
     pub insecure: bool,
+    /// Who issues the SVIDs (when not `insecure`): `nsm-spiffe-dev` by
+    /// default, or real SPIRE.
+    pub identity: Provider,
     /// Lifetime of the SVIDs the lab's Workload API issues (rotated at
     /// half of it).
     pub svid_ttl: String,
@@ -97,6 +100,7 @@ impl Default for NodeOpts {
             forwarder_env: vec![],
             nsmgr_env: vec![],
             insecure: false,
+            identity: Provider::Dev,
             svid_ttl: "1h".into(),
             registry: None,
         }
@@ -147,7 +151,7 @@ fn sock(lab: &Lab, rel: &str) -> anyhow::Result<Url> {
 /// only) and waits until the forwarder is registered.
 pub async fn start_node(lab: &mut Lab, name: &str, opts: &NodeOpts) -> anyhow::Result<Node> {
     if !opts.insecure {
-        spire::ensure(lab, 1, &opts.svid_ttl).await?;
+        identity::ensure(lab, 1, opts.identity, &opts.svid_ttl).await?;
     }
     let netns = lab.add_netns(name)?;
     let registry = match &opts.registry {
@@ -181,9 +185,10 @@ pub async fn start_node_in(lab: &mut Lab, netns: &str, spec: &NodeSpec, opts: &N
         cluster: spec.cluster.trim_start_matches("cluster").parse().unwrap_or(1),
     };
     if !opts.insecure {
-        spire::ensure(lab, node.cluster, &opts.svid_ttl).await?;
+        identity::ensure(lab, node.cluster, opts.identity, &opts.svid_ttl).await?;
+        identity::ensure_node(lab, &node).await?;
     }
-    let id_env = spire::env(lab, node.cluster);
+    let id_env = identity::env(lab, &node);
     let ll = opts.log_level.clone();
     if let RegistryAt::Here { listen, domains } = &spec.registry {
         let mut env = vec![
@@ -240,7 +245,7 @@ pub async fn start_k8s_registry(
         ("NSM_EXPIRE_PERIOD", opts.expire_period.clone()),
         ("NSM_LOG_LEVEL", opts.log_level.clone()),
     ];
-    env.extend(spire::env(lab, node.cluster));
+    env.extend(identity::env(lab, node));
     lab.spawn(&name, crate::env::HOST_NETNS, "nsm-registry-k8s", &env)?;
     let t0 = Instant::now();
     while !std::path::Path::new(node.registry_url.path()).exists() {
@@ -271,7 +276,7 @@ pub async fn start_forwarder(lab: &mut Lab, node: &Node, opts: &NodeOpts) -> any
     if let Some(ip) = node.ip {
         env.push(("NSM_TUNNEL_IP", ip.to_string()));
     }
-    env.extend(spire::env(lab, node.cluster));
+    env.extend(identity::env(lab, node));
     let extra: Vec<(&str, String)> = opts.forwarder_env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     env.extend(extra);
     // A restarted forwarder's name may still be registered by its
@@ -312,7 +317,7 @@ pub async fn start_nse(
         ("NSM_CIDR_PREFIX", cidr.to_string()),
         ("NSM_LOG_LEVEL", "INFO".to_string()),
     ];
-    env.extend(spire::env(lab, node.cluster));
+    env.extend(identity::env(lab, node));
     env.extend(extra.iter().cloned());
     lab.spawn(name, &netns, "nse-icmp-responder", &env)?;
     wait_registered(lab, node, name, Duration::from_secs(20)).await?;
@@ -440,7 +445,7 @@ pub fn nsc_env(lab: &Lab, node: &Node, nsurls: &str) -> Vec<(&'static str, Strin
         ("NSM_CONNECT_TO", node.nsmgr_url.to_string()),
         ("NSM_NETWORK_SERVICES", nsurls.to_string()),
     ];
-    env.extend(spire::env(lab, node.cluster));
+    env.extend(identity::env(lab, node));
     env
 }
 

@@ -2,9 +2,10 @@
 //! `peers/gosdk` and `scripts/peers.sh gosdk`): the sdk's client chain
 //! (`nsm-go-nsc`) and endpoint chain with its registry clients
 //! (`nsm-go-nse`) against our nsmgr, forwarder, nsc and nse, in real
-//! namespaces, with mutual TLS on every hop, SVIDs from the lab's Workload
-//! API, and each side's token policies checking the other's tokens (the Go
-//! peers run upstream's default OPA policies). The Go peers pass their fds as
+//! namespaces, with mutual TLS on every hop and each side's token policies
+//! checking the other's tokens (the Go peers run upstream's default OPA
+//! policies). The SVIDs come from real SPIRE (a server, an agent per node)
+//! in the tests of both directions, from `nsm-spiffe-dev` in the fd test. The Go peers pass their fds as
 //! upstream does (grpcfd): the endpoint registers its socket as `inode://`,
 //! the client its netns.
 #![allow(clippy::unwrap_used)]
@@ -13,9 +14,10 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nsm_api::registry::NetworkServiceEndpoint;
-use nsm_lab::cluster;
 use nsm_lab::gopeers::{self, SocketAt};
+use nsm_lab::identity::{self, Provider};
 use nsm_lab::mesh::{self, NodeOpts, connections, ip_of, links, nsc_init, ping};
+use nsm_lab::{Lab, cluster};
 use nsm_sdk::networkservice::chain::Context;
 use nsm_sdk::registry::find_nses;
 use serde_json::Value;
@@ -30,13 +32,30 @@ fn ip_pair(conn: &Value) -> (String, String) {
     (ip_of(ip["src_ip_addrs"][0].as_str().unwrap()), ip_of(ip["dst_ip_addrs"][0].as_str().unwrap()))
 }
 
+/// Node options with SVIDs from real SPIRE. The Go peers are resolved
+/// first: the agents' registration entries name their executables.
+fn on_spire() -> NodeOpts {
+    gopeers::bin("nsm-go-nse").unwrap();
+    NodeOpts { identity: Provider::Spire, ..Default::default() }
+}
+
+/// The lab's SVIDs came from SPIRE only, and `nsmgr` saw `who` sign a
+/// Request's first token (its log names every hop's signer).
+fn assert_spire_identities(lab: &Lab, nsmgr: &str, who: &str) {
+    assert_eq!(identity::provider(lab), Some(Provider::Spire));
+    let d = lab.daemons();
+    assert!(d.iter().any(|n| n.starts_with("spire-agent-")) && !d.iter().any(|n| n.starts_with("spire-c")), "{d:?}");
+    let log = lab.log_tail(nsmgr, 400);
+    assert!(log.lines().any(|l| l.contains("request ok") && l.contains(&format!("ids={who}"))), "{who}: {log}");
+}
+
 fn by_name(name: &str) -> NetworkServiceEndpoint {
     NetworkServiceEndpoint { name: name.to_string(), ..Default::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_sdk_client_reaches_our_endpoint_and_a_go_sdk_endpoint_through_our_mesh() {
-    let (mut lab, node, ours) = mesh::single_node("gonsc", &NodeOpts::default(), "172.16.30.0/31").await;
+    let (mut lab, node, ours) = mesh::single_node("gonsc", &on_spire(), "172.16.30.0/31").await;
     let go = gopeers::start_go_nse(&mut lab, &node, "gonse", "go-responder", "172.16.31.0/31", SocketAt::Shared, &[])
         .await
         .unwrap();
@@ -53,6 +72,7 @@ async fn go_sdk_client_reaches_our_endpoint_and_a_go_sdk_endpoint_through_our_me
     .unwrap();
     assert_eq!(path_names(&conns[0]), ["nsc", "nsmgr-node1", "forwarder-node1", "nse1"]);
     assert_eq!(path_names(&conns[1]), ["nsc", "nsmgr-node1", "forwarder-node1", "gonse"]);
+    assert_spire_identities(&lab, &node.nsmgr_name, "spiffe://nsm.cluster1/ns/default/sa/nsm-go-nsc");
     for c in &conns {
         // The client passed its netns fd as inode://; the nsmgr answered
         // with that URL, which the sdk's sendfd mapped back to its own file.
@@ -83,7 +103,7 @@ async fn go_sdk_client_reaches_our_endpoint_and_a_go_sdk_endpoint_through_our_me
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_client_reaches_a_go_sdk_endpoint_on_its_node_and_across_nodes() {
-    let (mut lab, n1, n2) = cluster::two_nodes("gonse", &NodeOpts::default()).await;
+    let (mut lab, n1, n2) = cluster::two_nodes("gonse", &on_spire()).await;
     let eth = gopeers::start_go_nse(&mut lab, &n2, "go-eth", "go-eth", "172.16.32.0/29", SocketAt::Shared, &[])
         .await
         .unwrap();
@@ -119,6 +139,7 @@ async fn our_client_reaches_a_go_sdk_endpoint_on_its_node_and_across_nodes() {
         }
     }
     assert_eq!(links(&lab, &eth.netns).unwrap().len(), 2, "two connections into the Go endpoint");
+    assert_spire_identities(&lab, &n2.nsmgr_name, "spiffe://nsm.cluster1/ns/default/sa/nsc");
     // The sdk endpoint passed its netns fd with its answer (sendfd server):
     // the forwarder opened the namespace through it instead of searching.
     let fwd_pid = lab.pid(&n2.forwarder_name).unwrap();

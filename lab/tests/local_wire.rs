@@ -219,7 +219,7 @@ async fn unhappy_paths_have_clear_errors_and_leave_nothing() {
                 ("NSM_CONNECT_TO", node.nsmgr_url.to_string()),
                 ("NSM_NETWORK_SERVICES", ICMP.into()),
                 ("NSM_REQUEST_TIMEOUT", "5s".into()),
-                nsm_lab::spire::env(&lab, node.cluster).remove(0),
+                nsm_lab::identity::env(&lab, &node).remove(0),
             ],
             Duration::from_secs(30),
         )

@@ -222,6 +222,8 @@ pub fn trace_init() {
 }
 
 /// Throwaway network namespaces for tests that need a real kernel (root).
+pub mod peers;
+
 pub mod netns {
     use std::path::PathBuf;
     use std::process::{Command, Output};

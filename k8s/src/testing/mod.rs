@@ -69,16 +69,10 @@ impl std::fmt::Debug for ApiServer {
     }
 }
 
-/// The directory holding `etcd`, `kube-apiserver` and `kubectl`.
+/// The directory holding `etcd`, `kube-apiserver` and `kubectl`
+/// (`NSM_KUBE_BIN_DIR`, else built by `scripts/peers.sh kube`).
 pub fn kube_bin_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("NSM_KUBE_BIN_DIR") {
-        return PathBuf::from(d);
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/peers.sh");
-    let out = Command::new(&script).arg("kube").stderr(Stdio::inherit()).output().expect("run scripts/peers.sh kube");
-    assert!(out.status.success(), "scripts/peers.sh kube failed (it builds kube-apiserver and etcd; see its stderr)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    PathBuf::from(text.lines().last().expect("peers.sh prints the directory").trim())
+    nsm_sdk::testing::peers::dir("kube", "NSM_KUBE_BIN_DIR").unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 pub mod kubelet;

@@ -136,30 +136,32 @@ impl Tls {
     /// `unix:/path`) and waits up to `timeout` for the first SVID.
     pub async fn from_workload_api(endpoint: &str, timeout: Duration) -> Result<Arc<Tls>, TlsError> {
         let err = |reason: String| TlsError::Source { endpoint: endpoint.to_string(), timeout, reason };
-        // The source retries forever; ask directly first so that a refusal
-        // ("no identity for this process") is reported at once, while an
-        // agent that is not up yet (no socket, unavailable) is waited for.
+        // The source retries forever without saying why; ask directly first
+        // so that the reason an SVID is not there yet is logged (once) and
+        // becomes the error when `timeout` ends. A refusal is retried too:
+        // SPIRE answers "no identity issued" until the agent has synced the
+        // process's registration entry, which takes up to its sync interval
+        // (5 s) when the entry is new, as go-spiffe's sources also wait.
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut last: Option<String> = None;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let r = tokio::time::timeout(left, async {
-                let client =
-                    spiffe::WorkloadApiClient::connect_to(endpoint).await.map_err(|e| (true, e.to_string()))?;
-                client.fetch_x509_context().await.map_err(|e| {
-                    let m = e.to_string();
-                    let transient = m.contains("Unavailable") || m.contains("transport error");
-                    (transient, m)
-                })
+                let client = spiffe::WorkloadApiClient::connect_to(endpoint).await.map_err(|e| e.to_string())?;
+                client.fetch_x509_context().await.map_err(|e| e.to_string())
             })
             .await;
             match r {
                 Ok(Ok(_)) => break,
-                Ok(Err((true, m))) if tokio::time::Instant::now() + Duration::from_millis(200) < deadline => {
-                    tracing::debug!(endpoint, error = %m, "Workload API not ready; retrying");
+                Ok(Err(m)) if tokio::time::Instant::now() + Duration::from_millis(200) < deadline => {
+                    if last.is_none() {
+                        tracing::warn!(endpoint, error = %m, ?timeout, "no SVID from the Workload API yet; retrying");
+                    }
+                    last = Some(m);
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Ok(Err((_, m))) => return Err(err(m)),
-                Err(_) => return Err(err("no answer".into())),
+                Ok(Err(m)) => return Err(err(m)),
+                Err(_) => return Err(err(last.unwrap_or_else(|| "no answer".into()))),
             }
         }
         let source = tokio::time::timeout(timeout, spiffe::X509Source::builder().endpoint(endpoint).build())

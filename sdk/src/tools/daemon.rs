@@ -199,8 +199,10 @@ pub struct CommonArgs {
     /// in the lab) this component gets its X.509-SVID from.
     #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = "unix:///run/spire/sockets/agent.sock")]
     pub spiffe_endpoint_socket: String,
-    /// How long to wait at start for the first SVID (the agent may still be
-    /// starting); a refusal (no identity for this process) fails at once.
+    /// How long to wait at start for the first SVID: the agent may still be
+    /// starting, or not have synced this process's registration entry yet
+    /// (SPIRE refuses until then). The reason is logged at once and is the
+    /// error when the time is up.
     #[arg(long, env = "NSM_SVID_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub svid_timeout: Duration,
     /// Extra Rego policy files (comma-separated paths, `package nsm`,
