@@ -27,7 +27,7 @@ async fn demo_with(test: &str, identity: Provider) -> Lab {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_runs_with_identities_on_every_hop() {
     let lab = demo_with("demo", Provider::Dev).await;
-    assert!(lab.daemons().contains(&"spire-c1".to_string()), "{:?}", lab.daemons());
+    assert!(lab.daemons().contains(&"spiffe-dev-c1".to_string()), "{:?}", lab.daemons());
 }
 
 /// The same on real SPIRE: a server per trust domain (federated), an agent
@@ -39,5 +39,5 @@ async fn the_demo_runs_on_real_spire() {
     for want in ["spire-server-c1", "spire-server-c2", "spire-agent-lab", "spire-agent-c1n1", "spire-agent-c2n2"] {
         assert!(d.contains(&want.to_string()), "{want} missing in {d:?}");
     }
-    assert!(!d.iter().any(|n| n.starts_with("spire-c")), "a dev Workload API ran: {d:?}");
+    assert!(!d.iter().any(|n| n.starts_with("spiffe-dev-")), "a dev Workload API ran: {d:?}");
 }

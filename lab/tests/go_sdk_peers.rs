@@ -4,7 +4,8 @@
 //! (`nsm-go-nse`) against our nsmgr, forwarder, nsc and nse, in real
 //! namespaces, with mutual TLS on every hop and each side's token policies
 //! checking the other's tokens (the Go peers run upstream's default OPA
-//! policies). The SVIDs come from real SPIRE (a server, an agent per node)
+//! policies). The SVIDs come from real SPIRE (servers per trust domain, an
+//! agent per node)
 //! in the tests of both directions, from `nsm-spiffe-dev` in the fd test. The Go peers pass their fds as
 //! upstream does (grpcfd): the endpoint registers its socket as `inode://`,
 //! the client its netns.
@@ -44,7 +45,10 @@ fn on_spire() -> NodeOpts {
 fn assert_spire_identities(lab: &Lab, nsmgr: &str, who: &str) {
     assert_eq!(identity::provider(lab), Some(Provider::Spire));
     let d = lab.daemons();
-    assert!(d.iter().any(|n| n.starts_with("spire-agent-")) && !d.iter().any(|n| n.starts_with("spire-c")), "{d:?}");
+    assert!(
+        d.iter().any(|n| n.starts_with("spire-agent-")) && !d.iter().any(|n| n.starts_with("spiffe-dev-")),
+        "{d:?}"
+    );
     let log = lab.log_tail(nsmgr, 400);
     assert!(log.lines().any(|l| l.contains("request ok") && l.contains(&format!("ids={who}"))), "{who}: {log}");
 }

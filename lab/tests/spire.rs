@@ -51,8 +51,11 @@ fn the_demo_names_missing_spire_binaries_and_leaves_nothing() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
+    let said = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("/nonexistent/spire (the spire peers' directory) does not exist"), "{err}");
+    // Refused in the first step, before a node or any SPIRE process started.
+    assert!(said.contains("[1/8]") && !said.contains("up ("), "{said}");
     let left: Vec<String> = std::fs::read_dir("/run/netns")
         .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();

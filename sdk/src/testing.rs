@@ -221,9 +221,9 @@ pub fn trace_init() {
         .try_init();
 }
 
-/// Throwaway network namespaces for tests that need a real kernel (root).
 pub mod peers;
 
+/// Throwaway network namespaces for tests that need a real kernel (root).
 pub mod netns {
     use std::path::PathBuf;
     use std::process::{Command, Output};

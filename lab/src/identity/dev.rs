@@ -3,8 +3,9 @@
 //!
 //! - Cluster `i`'s Workload API is `<lab dir>/spire/c<i>/agent.sock`, shared
 //!   by all its nodes.
-//! - Rules match what a process is: `nsmgr`, `forwarder` and `nsm-registry`
-//!   in a lab namespace are `ns/nsm-system/sa/<name>`, any other process in
+//! - Rules match what a process is: the mesh daemons
+//!   ([`super::MESH_DAEMONS`]; in a lab namespace, but `nsm-registry-k8s`,
+//!   which runs in the lab's own) are `ns/nsm-system/sa/<name>`, any other process in
 //!   a lab namespace `ns/default/sa/<executable>`, and any other root
 //!   process (the lab itself, test binaries) `ns/nsm-lab/sa/<executable>`.
 //! - The servers share a CA directory, so each knows every trust domain's
@@ -24,9 +25,12 @@ pub fn config(prefix: &str, i: u8, domains: u8) -> String {
     let td = trust_domain(i);
     let tds: Vec<String> = (1..=domains.max(2)).map(trust_domain).collect();
     let mut y = format!("trust_domains: [{}]\nrules:\n", tds.join(", "));
-    for (exe, sa) in [("nsmgr", "nsmgr"), ("forwarder", "forwarder"), ("nsm-registry", "registry")] {
+    for (exe, sa) in super::MESH_DAEMONS {
+        // nsm-registry-k8s runs in the lab's own netns (its API server is on
+        // the host's loopback), so it is matched by executable alone.
+        let netns = if *exe == "nsm-registry-k8s" { String::new() } else { format!("netns_prefix: \"{prefix}-\", ") };
         y.push_str(&format!(
-            "  - match: {{ netns_prefix: \"{prefix}-\", exe: {exe} }}\n    spiffe_id: \"spiffe://{td}/ns/nsm-system/sa/{sa}\"\n"
+            "  - match: {{ {netns}exe: {exe} }}\n    spiffe_id: \"spiffe://{td}/ns/nsm-system/sa/{sa}\"\n"
         ));
     }
     y.push_str(&format!(
@@ -61,7 +65,7 @@ pub(super) async fn start(
         let conf = lab.dir().join(format!("spire/c{i}.yaml"));
         std::fs::write(&conf, config(lab.prefix(), i, domains))
             .with_context(|| format!("writing {}", conf.display()))?;
-        let name = format!("spire-c{i}");
+        let name = format!("spiffe-dev-c{i}");
         lab.spawn(
             &name,
             &netns,
@@ -87,8 +91,10 @@ mod tests {
         let y = super::config("nsmlab", 2, 2);
         let p = nsm_spiffe_dev::Policy::parse(&y, std::path::Path::new("c2.yaml")).unwrap();
         assert_eq!(p.trust_domains.len(), 2);
-        assert_eq!(p.rules.len(), 5);
+        assert_eq!(p.rules.len(), 6);
         assert_eq!(p.rules[0].spiffe_id, "spiffe://nsm.cluster2/ns/nsm-system/sa/nsmgr");
-        assert_eq!(p.rules[4].matcher.uid, Some(0));
+        assert_eq!(p.rules[3].spiffe_id, "spiffe://nsm.cluster2/ns/nsm-system/sa/registry");
+        assert_eq!(p.rules[3].matcher.netns_prefix, None);
+        assert_eq!(p.rules[5].matcher.uid, Some(0));
     }
 }

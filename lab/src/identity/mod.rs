@@ -12,7 +12,8 @@
 //! `SPIFFE_ENDPOINT_SOCKET` naming its Workload API ([`env`]), and the IDs
 //! have the shape of the SPIRE `ClusterSPIFFEID` template NSM's deployments
 //! use (`spiffe://<td>/ns/<namespace>/sa/<service account>`): `nsmgr`,
-//! `forwarder` and the registries are `ns/nsm-system/sa/<name>`, endpoints
+//! `forwarder` and the registries are `ns/nsm-system/sa/<name>`
+//! ([`MESH_DAEMONS`]), endpoints
 //! and clients `ns/default/sa/<executable>`, and the lab itself (or the
 //! test binary driving it) `ns/nsm-lab/sa/<executable>`.
 //!
@@ -32,6 +33,11 @@ use url::Url;
 
 use crate::env::Lab;
 use crate::mesh::Node;
+
+/// The mesh's own daemons and their service accounts in `ns/nsm-system`
+/// (both providers). The other programs are `ns/default/sa/<executable>`.
+pub const MESH_DAEMONS: &[(&str, &str)] =
+    &[("nsmgr", "nsmgr"), ("forwarder", "forwarder"), ("nsm-registry", "registry"), ("nsm-registry-k8s", "registry")];
 
 /// Who issues the lab's SVIDs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -131,15 +137,20 @@ pub async fn ensure_node(lab: &mut Lab, node: &Node) -> anyhow::Result<()> {
 }
 
 /// The environment that gives a process of `node` its identity, or
-/// plaintext when the lab has none. (A SPIRE node without an agent gets
-/// neither, so its processes fail loudly instead of running in plaintext.)
+/// plaintext when the lab has none.
 pub fn env(lab: &Lab, node: &Node) -> Vec<(&'static str, String)> {
     let Some(ids) = lab.identities.as_ref() else { return vec![("NSM_INSECURE", "true".to_string())] };
     let url = match ids.provider {
         Provider::Dev => ids.clusters.get(&node.cluster),
         Provider::Spire => ids.nodes.get(&node.name),
     };
-    url.map(|u| vec![("SPIFFE_ENDPOINT_SOCKET", u.to_string())]).unwrap_or_default()
+    match url {
+        Some(u) => vec![("SPIFFE_ENDPOINT_SOCKET", u.to_string())],
+        // Not reached through `start_node_in`, which starts the agent
+        // first; a process started otherwise waits for the agent socket the
+        // node would have and then fails naming it.
+        None => vec![("SPIFFE_ENDPOINT_SOCKET", format!("unix://{}", spire::agent_socket(lab, &node.name).display()))],
+    }
 }
 
 /// The lab's provider, if it has identities.

@@ -60,6 +60,15 @@ fn server_dir(lab: &Lab, i: u8) -> PathBuf {
     spire_dir(lab).join(format!("server-c{i}"))
 }
 
+fn agent_dir(lab: &Lab, node: &str) -> PathBuf {
+    spire_dir(lab).join(format!("agent-{node}"))
+}
+
+/// The Workload API socket of `node`'s agent.
+pub fn agent_socket(lab: &Lab, node: &str) -> PathBuf {
+    agent_dir(lab, node).join("agent.sock")
+}
+
 fn api_socket(lab: &Lab, i: u8) -> PathBuf {
     server_dir(lab, i).join("api.sock")
 }
@@ -162,6 +171,8 @@ plugins {{
   WorkloadAttestor "unix" {{
     plugin_data {{
       discover_workload_path = true
+      # Entries select by path only: never hash the (large, debug) binary.
+      workload_size_limit = -1
     }}
   }}
 }}
@@ -184,7 +195,7 @@ fn server_cli(lab: &Lab, i: u8, cmd: &[&str], args: &[&str]) -> anyhow::Result<S
         .context("running spire-server")?;
     if !out.status.success() {
         bail!(
-            "spire-server {} (trust domain {}) failed: {}{}",
+            "spire-server {} (trust domain {}) failed: {} {}",
             cmd.join(" "),
             trust_domain(i),
             String::from_utf8_lossy(&out.stderr).trim(),
@@ -285,9 +296,7 @@ fn workload(path: &Path, ns: &str, i: u8) -> anyhow::Result<Workload> {
 pub fn node_workloads(lab: &Lab, i: u8) -> anyhow::Result<Vec<Workload>> {
     let td = trust_domain(i);
     let mut out = vec![];
-    for (bin, sa) in
-        [("nsmgr", "nsmgr"), ("forwarder", "forwarder"), ("nsm-registry", "registry"), ("nsm-registry-k8s", "registry")]
-    {
+    for (bin, sa) in super::MESH_DAEMONS {
         let p = lab.bin(bin);
         if p.is_file() {
             let w = workload(&p, "nsm-system", i)?;
@@ -341,7 +350,7 @@ async fn start_agent_with(
     domains: u8,
     workloads: Vec<Workload>,
 ) -> anyhow::Result<Url> {
-    let dir = spire_dir(lab).join(format!("agent-{node}"));
+    let dir = agent_dir(lab, node);
     std::fs::create_dir_all(dir.join("data")).with_context(|| format!("creating {}", dir.display()))?;
     let alias = format!("spiffe://{}/nsm-lab/node/{node}", trust_domain(i));
     // The token's extra ID names the node: the entries below are its
@@ -366,7 +375,7 @@ async fn start_agent_with(
     let agent = bin("spire-agent")?.display().to_string();
     let conf = conf.display().to_string();
     lab.spawn_args(&name, &netns, &agent, &["run", "-config", &conf, "-joinToken", &token], &[])?;
-    let sock = dir.join("agent.sock");
+    let sock = agent_socket(lab, node);
     super::wait_file(lab, &name, &sock, Duration::from_secs(30)).await?;
     Ok(nsm_sdk::tools::grpc::parse_url(&format!("unix://{}", sock.display()))?)
 }

@@ -138,7 +138,9 @@ impl Tls {
         let err = |reason: String| TlsError::Source { endpoint: endpoint.to_string(), timeout, reason };
         // The source retries forever without saying why; ask directly first
         // so that the reason an SVID is not there yet is logged (once) and
-        // becomes the error when `timeout` ends. A refusal is retried too:
+        // becomes the error when `timeout` ends (an error that is not about
+        // waiting, such as a malformed request, fails at once). A refusal is
+        // waited through too:
         // SPIRE answers "no identity issued" until the agent has synced the
         // process's registration entry, which takes up to its sync interval
         // (5 s) when the entry is new, as go-spiffe's sources also wait.
@@ -147,20 +149,25 @@ impl Tls {
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let r = tokio::time::timeout(left, async {
-                let client = spiffe::WorkloadApiClient::connect_to(endpoint).await.map_err(|e| e.to_string())?;
-                client.fetch_x509_context().await.map_err(|e| e.to_string())
+                let client =
+                    spiffe::WorkloadApiClient::connect_to(endpoint).await.map_err(|e| (true, e.to_string()))?;
+                client.fetch_x509_context().await.map_err(|e| {
+                    let m = e.to_string();
+                    let waiting = ["Unavailable", "transport error", "PermissionDenied", "no identity"];
+                    (waiting.iter().any(|w| m.contains(w)), m)
+                })
             })
             .await;
             match r {
                 Ok(Ok(_)) => break,
-                Ok(Err(m)) if tokio::time::Instant::now() + Duration::from_millis(200) < deadline => {
+                Ok(Err((true, m))) if tokio::time::Instant::now() + Duration::from_millis(200) < deadline => {
                     if last.is_none() {
                         tracing::warn!(endpoint, error = %m, ?timeout, "no SVID from the Workload API yet; retrying");
                     }
                     last = Some(m);
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Ok(Err(m)) => return Err(err(m)),
+                Ok(Err((_, m))) => return Err(err(m)),
                 Err(_) => return Err(err(last.unwrap_or_else(|| "no answer".into()))),
             }
         }
