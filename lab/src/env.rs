@@ -334,6 +334,22 @@ impl Lab {
         self.proc(name).is_some_and(|p| matches!(p.child.try_wait(), Ok(None)))
     }
 
+    /// Waits until daemon `name` has created `path` (its socket), failing
+    /// early with its log if it exits, or after `timeout`.
+    pub async fn wait_for_file(&mut self, name: &str, path: &Path, timeout: Duration) -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        while !path.exists() {
+            if !self.running(name) {
+                bail!("{name} exited during start-up:\n{}", self.log_tail(name, 15));
+            }
+            if t0.elapsed() > timeout {
+                bail!("{name} did not create {} within {timeout:?}:\n{}", path.display(), self.log_tail(name, 15));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
     /// The last `n` lines of daemon `name`'s log.
     pub fn log_tail(&self, name: &str, n: usize) -> String {
         let p = self.dir.join(format!("{name}.log"));

@@ -247,17 +247,7 @@ pub async fn start_k8s_registry(
     ];
     env.extend(identity::env(lab, node));
     lab.spawn(&name, crate::env::HOST_NETNS, "nsm-registry-k8s", &env)?;
-    let t0 = Instant::now();
-    while !std::path::Path::new(node.registry_url.path()).exists() {
-        if !lab.running(&name) {
-            bail!("{name} exited during start-up:\n{}", lab.log_tail(&name, 15));
-        }
-        if t0.elapsed() > Duration::from_secs(20) {
-            bail!("{name} did not serve within 20 s:\n{}", lab.log_tail(&name, 15));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
+    lab.wait_for_file(&name, std::path::Path::new(node.registry_url.path()), Duration::from_secs(20)).await
 }
 
 /// Starts (or restarts) the node's forwarder and waits until it is
@@ -389,11 +379,16 @@ pub async fn connections(lab: &Lab, url: &Url) -> anyhow::Result<Vec<Connection>
 /// connection at any node's nsmgr or forwarder (each waited for up to 5 s).
 pub async fn assert_clean(lab: &Lab, pods: &[&str], nodes: &[&Node]) {
     for p in pods {
-        let left = || links(lab, p).unwrap_or_default();
+        // A namespace that cannot be listed is not clean.
+        let left = || links(lab, p).unwrap_or_else(|e| vec![format!("(ip link failed: {e:#})")]);
         wait_until(Duration::from_secs(5), || left().is_empty(), || format!("{p} still has {:?}", left())).await;
     }
     for n in nodes {
-        let extra: Vec<String> = links(lab, &n.netns).unwrap_or_default().into_iter().filter(|l| l != "eth0").collect();
+        let extra: Vec<String> = links(lab, &n.netns)
+            .unwrap_or_else(|e| panic!("listing {}: {e:#}", n.netns))
+            .into_iter()
+            .filter(|l| l != "eth0")
+            .collect();
         assert!(extra.is_empty(), "tunnel devices left in {}: {extra:?}", n.netns);
         for u in [&n.nsmgr_url, &n.forwarder_url] {
             let what = format!("{u} reports no connection");

@@ -130,14 +130,31 @@ async fn our_client_reaches_a_go_sdk_endpoint_on_its_node_and_across_nodes() {
     mesh::spawn_nsc_sidecar(&mut lab, "nsc-local", &n2, &local, "kernel://go-eth/nsm-1", &json).unwrap();
     mesh::spawn_nsc_sidecar(&mut lab, "nsc-remote", &n1, &remote, "kernel://go-eth/nsm-1,kernel://go-ip/nsm-2", &json)
         .unwrap();
-    for (daemon, pod, nses) in [("nsc-local", &local, vec![&eth]), ("nsc-remote", &remote, vec![&eth, &ip])] {
+    // (interface kind, MTU) of each connection: a veth on the node, VXLAN
+    // for ETHERNET and userspace WireGuard (TUN) for IP across nodes.
+    let local_wires = vec![(&eth, ("veth", 1500))];
+    let remote_wires = vec![(&eth, ("vxlan", 1450)), (&ip, ("tun", 1440))];
+    for (daemon, pod, nses) in [("nsc-local", &local, local_wires), ("nsc-remote", &remote, remote_wires)] {
         gopeers::wait_line(&mut lab, daemon, "{", Duration::from_secs(30)).await.unwrap();
-        let log = std::fs::read_to_string(lab.dir().join(format!("{daemon}.log"))).unwrap();
-        let lines: Vec<&str> = log.lines().filter(|l| l.starts_with('{')).collect();
-        assert_eq!(lines.len(), nses.len(), "{daemon}: {log}");
-        for (line, nse) in lines.iter().zip(nses) {
+        // nsc prints one summary line per connection: wait for all of them.
+        let log_path = lab.dir().join(format!("{daemon}.log"));
+        let summaries = || -> Vec<String> {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            log.lines().filter(|l| l.starts_with('{')).map(str::to_string).collect()
+        };
+        mesh::wait_until(
+            Duration::from_secs(10),
+            || summaries().len() >= nses.len(),
+            || format!("{daemon}: {:?}", summaries()),
+        )
+        .await;
+        let lines = summaries();
+        assert_eq!(lines.len(), nses.len(), "{daemon}: {lines:?}");
+        for (line, (nse, (kind, mtu))) in lines.iter().zip(nses) {
             let s: mesh::NscSummary = serde_json::from_str(line).unwrap();
             assert_eq!(s.path.last(), Some(&nse.name), "{:?}", s.path);
+            let (k, m) = mesh::link_kind(&lab, pod, &s.interface).unwrap();
+            assert_eq!((k.as_str(), m), (kind, mtu), "{daemon} -> {}: the wire", nse.name);
             let (ok, out) = ping(&lab, pod, &s.interface, &ip_of(&s.dst_ips[0]), 2).unwrap();
             assert!(ok, "{daemon} -> Go endpoint {}: {out}", nse.name);
         }

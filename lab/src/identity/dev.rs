@@ -78,7 +78,7 @@ pub(super) async fn start(
             ],
         )?;
         // The first server writes the CAs the next ones load: wait for it.
-        super::wait_file(lab, &name, std::path::Path::new(sock.path()), Duration::from_secs(10)).await?;
+        lab.wait_for_file(&name, std::path::Path::new(sock.path()), Duration::from_secs(10)).await?;
         started.push((i, sock));
     }
     Ok(started)

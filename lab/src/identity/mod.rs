@@ -25,7 +25,7 @@ pub mod spire;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::bail;
 use nsm_sdk::security::tls::Tls;
@@ -163,19 +163,4 @@ async fn own_svid(socket: &Url) -> anyhow::Result<Arc<Tls>> {
     Tls::from_workload_api(socket.as_str(), Duration::from_secs(10))
         .await
         .with_context(|| format!("the lab's own SVID from {socket}"))
-}
-
-/// Waits until `path` exists while daemon `name` runs (up to `timeout`).
-async fn wait_file(lab: &mut Lab, name: &str, path: &std::path::Path, timeout: Duration) -> anyhow::Result<()> {
-    let t0 = Instant::now();
-    while !path.exists() {
-        if !lab.running(name) {
-            bail!("{name} exited during start-up:\n{}", lab.log_tail(name, 15));
-        }
-        if t0.elapsed() > timeout {
-            bail!("{name} did not create {} within {timeout:?}:\n{}", path.display(), lab.log_tail(name, 15));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
 }

@@ -376,7 +376,7 @@ async fn start_agent_with(
     let conf = conf.display().to_string();
     lab.spawn_args(&name, &netns, &agent, &["run", "-config", &conf, "-joinToken", &token], &[])?;
     let sock = agent_socket(lab, node);
-    super::wait_file(lab, &name, &sock, Duration::from_secs(30)).await?;
+    lab.wait_for_file(&name, &sock, Duration::from_secs(30)).await?;
     Ok(nsm_sdk::tools::grpc::parse_url(&format!("unix://{}", sock.display()))?)
 }
 

@@ -152,6 +152,8 @@ impl Element for GrpcClient {
             }
         }
         let (ch, server) = self.pool.get_with_peer(&url).await?;
+        let r = self.tonic_request(&server, ctx, req)?;
+        // Queued only once the request is built, so they go out with it.
         if let (Some(fds), Some(files)) = (&server.fds, ctx.ext.get::<PassFiles>()) {
             for f in &files.0 {
                 if let Err(e) = fds.send_path(f) {
@@ -159,12 +161,13 @@ impl Element for GrpcClient {
                 }
             }
         }
-        let r = self.tonic_request(&server, ctx, req)?;
         let conn =
             NetworkServiceClient::new(ch).request(r).await.map_err(|e| self.downstream_error(&url, e))?.into_inner();
-        // The server this call reached (mTLS): the client-side policy checks
-        // the tokens it returned against its certificate.
-        if server.spiffe_id.is_some() {
+        // The server this call reached: the client-side policy checks the
+        // tokens it returned against its certificate (mTLS), and the
+        // forwarder opens the netns an endpoint passed with its answer
+        // (unix, also in plaintext).
+        if server.spiffe_id.is_some() || server.fds.is_some() {
             ctx.ext.insert(server);
         }
         if let Some(m) = &ctx.meta {

@@ -30,8 +30,9 @@
 //!   inode is then required.
 //! - `netnsInode`: the decimal inode of the namespace.
 //!
-//! Passing namespace file descriptors over the unix socket (grpcfd) is not
-//! supported yet; clients advertise [`own_netns_params`] instead.
+//! Clients advertise [`own_netns_params`] and, on a unix socket, also pass
+//! the namespace's fd (grpcfd, `crate::tools::grpcfd`): the nsmgr then names
+//! it `file:///proc/<nsmgr pid>/fd/<n>` for the forwarder.
 //!
 //! [`handle`] opens, checks and enters namespaces; [`resolve`](mod@resolve)
 //! finds the one a mechanism names.
@@ -77,7 +78,7 @@ pub enum NetnsError {
     /// The URL is only meaningful inside the sender's process.
     #[error(
         "inodeURL {url:?} names the sender's own namespace and means nothing to another process; the client must \
-         also send the netnsInode parameter (passing the namespace fd is not supported yet)"
+         also send the netnsInode parameter or pass the namespace fd on a unix socket"
     )]
     SelfRelative { url: String },
     /// The URL is a well-formed path, but not one of the supported forms, and
